@@ -30,7 +30,18 @@ _LAZY = {
     "rms_norm": "ssmkit.ops.norm.interface",
 }
 
-__all__ = ["backend", "current_backend", "s4", *_LAZY]
+__all__ = [
+    "backend",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "current_backend",
+    "mamba_chunk_scan_combined",
+    "rms_norm",
+    "rms_norm_gated",
+    "s4",
+    "selective_scan_fn",
+    "selective_state_update",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysis only
     from ssmkit.ops import s4

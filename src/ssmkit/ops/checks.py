@@ -67,7 +67,9 @@ def same_device(reference_name: str, reference: torch.Tensor, **others: torch.Te
 def same_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, value in others.items():
         if value is not None and value.dtype != reference.dtype:
-            raise TypeError(f"{name} must have the dtype of {reference_name} ({reference.dtype}), got {value.dtype}")
+            raise TypeError(
+                f"{name} must have the dtype of {reference_name} ({reference.dtype}), got {value.dtype}"
+            )
 
 
 def divisible(name: str, value: int, by_name: str, by: int) -> None:
@@ -80,7 +82,9 @@ def cu_seqlens(name: str, value: torch.Tensor, total_length: int, batch: int) ->
     ending at ``total_length``; packed batches have batch size 1."""
     integer(name, value)
     if value.dim() != 1 or value.numel() < 2:
-        raise ValueError(f"{name} must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must have shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(value.shape)}"
+        )
     if batch != 1:
         raise ValueError(f"packed sequences ({name} given) need batch size 1, got batch {batch}")
     first, last = int(value[0]), int(value[-1])

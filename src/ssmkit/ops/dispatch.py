@@ -72,9 +72,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_triton_kernels(op_package: str) -> bool:
-    return importlib.util.find_spec(f"{op_package}.triton") is not None
+    try:
+        return importlib.util.find_spec(f"{op_package}.triton") is not None
+    except ModuleNotFoundError:  # the operator package itself is missing
+        return False
 
 
 def resolve(op_package: str, requested: str | None, device: torch.device) -> Implementation:

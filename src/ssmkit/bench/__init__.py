@@ -1,0 +1,1 @@
+"""Benchmarks: timing helpers, peer libraries, and the benchmark suites behind ``ssmkit bench``."""

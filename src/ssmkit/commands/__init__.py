@@ -1,0 +1,1 @@
+"""Subcommands of the ``ssmkit`` command line, one module each (see :mod:`ssmkit.cli`)."""
