@@ -1,0 +1,234 @@
+"""Public causal conv1d functions: argument checks, backend dispatch, the Triton update's autograd.
+
+Backends: ``"reference"`` (``reference.py``, loops over positions and taps), ``"torch"``
+(``grouped.py``, grouped ``F.conv1d``) and ``"triton"`` (``ssmkit.ops.conv1d.triton``):
+
+- ``causal_conv1d_fn_triton(x, weight, bias, seq_idx, initial_states, return_final_states,
+  activation) -> (out, final_states or None)``
+- ``causal_conv1d_update_triton(x, conv_state, weight, bias, activation, conv_state_indices)
+  -> out``, updating ``conv_state`` in place; x is always (batch, dim, seqlen_step).
+
+``activation`` reaches every backend as None or "silu". ``causal_conv1d_fn_triton`` carries its
+own backward. The update kernel has none: when gradients are needed, it runs on a copy of the
+gathered state rows and its gradient comes from recomputing the step through ``grouped.py`` under
+autograd (one extra step in backward, nothing in inference, where it updates in place).
+
+Semantics of ``seq_idx`` with states (a superset of ``causal_conv1d``, which forbids the mix):
+``initial_states`` is the history of the row's first sequence, ``seq_idx[:, 0]``; final states are
+the row's last width - 1 inputs with those of other sequences than the last one zeroed, i.e. the
+history needed to continue the last sequence in a next call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ssmkit.ops import checks
+from ssmkit.ops.conv1d.grouped import causal_conv1d_grouped, causal_conv1d_update_grouped
+from ssmkit.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
+from ssmkit.ops.dispatch import resolve
+
+_OP = "ssmkit.ops.conv1d"
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _recompute_grads(
+    forward: Callable[..., Sequence[torch.Tensor]],
+    inputs: Sequence[torch.Tensor | None],
+    needs_grad: Sequence[bool],
+    grad_outputs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor | None]:
+    """Gradients of ``forward(*inputs)`` for the inputs flagged in ``needs_grad``, by re-running it
+    under autograd (used to differentiate through forward-only Triton kernels)."""
+    with torch.enable_grad():
+        leaves = [
+            t.detach().requires_grad_(need) if isinstance(t, torch.Tensor) else t
+            for t, need in zip(inputs, needs_grad)
+        ]
+        outputs = forward(*leaves)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    wrt = [leaf for leaf, need in zip(leaves, needs_grad) if need]
+    grads = iter(
+        torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        if pairs and wrt
+        else [None] * len(wrt)
+    )
+    return [next(grads) if need else None for need in needs_grad]
+
+
+class _TritonConv1dUpdate(torch.autograd.Function):
+    """Differentiable decode step on gathered state rows; the kernel runs on a copy of them."""
+
+    @staticmethod
+    def forward(ctx, x, conv_state, weight, bias, activation):
+        from ssmkit.ops.conv1d.triton import causal_conv1d_update_triton
+
+        new_state = conv_state.clone()
+        out = causal_conv1d_update_triton(x, new_state, weight, bias, activation, None)
+        ctx.save_for_backward(x, conv_state, weight, bias)
+        ctx.activation = activation
+        return out, new_state
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_state):
+        inputs = ctx.saved_tensors
+        forward = lambda x, s, w, b: causal_conv1d_update_grouped(x, s, w, b, ctx.activation)
+        grads = _recompute_grads(forward, inputs, ctx.needs_input_grad[:4], [grad_out, grad_state])
+        return (*grads, None)
+
+
+def _check_activation(activation: object) -> str | None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    return None if activation is None else "silu"
+
+
+def _check_weight(weight: object, bias: object, dim: int) -> int:
+    """Validate weight (dim, width) and bias (dim,); return width."""
+    weight = checks.tensor("weight", weight)
+    checks.floating("weight", weight)
+    checks.shape("weight", weight, [("dim", dim), ("width", None)])
+    if weight.shape[1] < 1:
+        raise ValueError(f"weight must have width >= 1, got shape {tuple(weight.shape)}")
+    bias = checks.tensor("bias", bias, optional=True)
+    if bias is not None:
+        checks.floating("bias", bias)
+        checks.shape("bias", bias, [("dim", dim)])
+    return weight.shape[1]
+
+
+def causal_conv1d_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv1d: out[b, d, t] = act(bias[d] + sum_k weight[d, k] x[b, d, t - width + 1 + k]).
+
+    x: (batch, dim, seqlen)   weight: (dim, width)   bias: (dim,)
+    seq_idx: int (batch, seqlen); positions of different sequences in one row never mix
+    initial_states: (batch, dim, width - 1), dtype of x; inputs before position 0
+    activation: None, "silu" or "swish" (= "silu")
+    Returns out: (batch, dim, seqlen) in x's dtype and, if return_final_states, final_states:
+    (batch, dim, width - 1), the inputs the next call needs as its initial_states.
+    """
+    x = checks.tensor("x", x)
+    checks.floating("x", x)
+    checks.shape("x", x, [("batch", None), ("dim", None), ("seqlen", None)])
+    batch, dim, seqlen = x.shape
+    width = _check_weight(weight, bias, dim)
+    seq_idx = checks.tensor("seq_idx", seq_idx, optional=True)
+    if seq_idx is not None:
+        checks.integer("seq_idx", seq_idx)
+        checks.shape("seq_idx", seq_idx, [("batch", batch), ("seqlen", seqlen)])
+        if seqlen == 0:
+            raise ValueError("seq_idx needs seqlen >= 1, got x of shape (batch, dim, 0)")
+    initial_states = checks.tensor("initial_states", initial_states, optional=True)
+    if initial_states is not None:
+        checks.shape(
+            "initial_states", initial_states, [("batch", batch), ("dim", dim), ("width - 1", width - 1)]
+        )
+        checks.same_dtype("x", x, initial_states=initial_states)
+    checks.same_device("x", x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
+    activation = _check_activation(activation)
+
+    implementation = resolve(_OP, backend, x.device)
+    if implementation == "triton":
+        from ssmkit.ops.conv1d.triton import causal_conv1d_fn_triton
+
+        out, final_states = causal_conv1d_fn_triton(
+            x, weight, bias, seq_idx, initial_states, return_final_states, activation
+        )
+        return (out, final_states) if return_final_states else out
+    fn = causal_conv1d_ref if implementation == "reference" else causal_conv1d_grouped
+    out, final_states = fn(x, weight, bias, seq_idx, initial_states, activation)
+    return (out, final_states) if return_final_states else out
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    conv_state_indices: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode step(s) of the causal conv1d, rolling ``conv_state`` IN PLACE.
+
+    x: (batch, dim) or (batch, dim, seqlen_step)   weight: (dim, width)   bias: (dim,)
+    conv_state: (batch, dim, state_len) with state_len >= width - 1, the last state_len inputs
+    (or (pool, dim, state_len) with conv_state_indices)
+    conv_state_indices: int (batch,); row i of x uses and updates conv_state[conv_state_indices[i]].
+    Indices are not range-checked (that would synchronise with the GPU); duplicates are undefined.
+    Returns out shaped like x, in x's dtype.
+
+    Gradients flow through the in-place update (to x, weight, bias and the previous state), so a
+    token-by-token loop is differentiable; a leaf conv_state that requires grad must be cloned first.
+    """
+    x = checks.tensor("x", x)
+    conv_state = checks.tensor("conv_state", conv_state)
+    checks.floating("x", x)
+    checks.floating("conv_state", conv_state)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape (batch, dim) or (batch, dim, seqlen_step), got {tuple(x.shape)}")
+    batch, dim = x.shape[:2]
+    width = _check_weight(weight, bias, dim)
+    checks.shape("conv_state", conv_state, [("batch", None), ("dim", dim), ("state_len", None)])
+    if conv_state.shape[-1] < width - 1:
+        raise ValueError(
+            f"conv_state must have state_len >= width - 1 = {width - 1}, got shape {tuple(conv_state.shape)}"
+        )
+    indices = checks.tensor("conv_state_indices", conv_state_indices, optional=True)
+    if indices is None:
+        if conv_state.shape[0] != batch:
+            raise ValueError(
+                f"conv_state must have shape (batch, dim, state_len) = ({batch}, {dim}, ?), "
+                f"got {tuple(conv_state.shape)}"
+            )
+    else:
+        checks.integer("conv_state_indices", indices)
+        checks.shape("conv_state_indices", indices, [("batch", batch)])
+    checks.same_device("x", x, conv_state=conv_state, weight=weight, bias=bias, conv_state_indices=indices)
+    activation = _check_activation(activation)
+
+    steps = x if x.dim() == 3 else x.unsqueeze(-1)
+    implementation = resolve(_OP, backend, x.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, conv_state, weight, bias)
+    )
+    if implementation == "triton" and not needs_grad:
+        from ssmkit.ops.conv1d.triton import causal_conv1d_update_triton
+
+        out = causal_conv1d_update_triton(steps, conv_state, weight, bias, activation, indices)
+        return out if x.dim() == 3 else out.squeeze(-1)
+
+    if needs_grad and conv_state.is_leaf and conv_state.requires_grad:
+        raise ValueError(
+            "conv_state is updated in place and cannot be a leaf tensor that requires grad; "
+            "pass a clone (e.g. conv_state.clone()) to differentiate with respect to it"
+        )
+    # Copy the rows when autograd may need the old values after they are overwritten.
+    if indices is not None:
+        indices = indices.long()  # index_copy_ takes int64 only
+        rows = conv_state.index_select(0, indices)
+    else:
+        rows = conv_state.clone() if needs_grad else conv_state
+    if implementation == "triton":
+        out, new_rows = _TritonConv1dUpdate.apply(steps, rows, weight, bias, activation)
+    else:
+        fn = causal_conv1d_update_ref if implementation == "reference" else causal_conv1d_update_grouped
+        out, new_rows = fn(steps, rows, weight, bias, activation)
+    if indices is not None:
+        conv_state.index_copy_(0, indices, new_rows)
+    else:
+        conv_state.copy_(new_rows)
+    return out if x.dim() == 3 else out.squeeze(-1)

@@ -1,0 +1,265 @@
+"""Public decode step ``selective_state_update``: checks, layout normalisation, dispatch.
+
+Both user layouts (``mamba_ssm``'s) are turned into one canonical form before dispatch, using
+views only (``unsqueeze``/``expand``: the state is never copied for the layout change):
+
+=================  ==========================  ==================  ======================
+argument           Mamba-2 layout (4-D state)  Mamba-1 layout      canonical (Mamba-2)
+=================  ==========================  ==================  ======================
+state              (pool, h, p, n)             (pool, d, n)        (pool, h, p, n)
+x, z               (b, h, p)                   (b, d)              (b, h, p)
+dt                 (b, h, p) or (b, h)         (b, d)              (b, h, p)
+A                  (h, p, n) or (h,)           (d, n)              (h, p, n)
+B, C               (b, g, n)                   (b, n) or (b, g, n) (b, g, n)
+D, dt_bias         (h, p) or (h,)              (d,)                (h, p)
+state_batch_idx    (b,) or None                (b,) or None        (b,) or None
+=================  ==========================  ==================  ======================
+
+Mamba-1 becomes h = d heads of headdim p = 1; per-head compact forms become stride-0 ``expand``
+views (which is also how ``mamba_ssm``'s Mamba2 module passes them). pool = b without
+``state_batch_indices``.
+
+Backends, all on the canonical form: ``"reference"`` (``reference.py``), ``"torch"``
+(``batched.py``), ``"triton"``: ``ssmkit.ops.step.triton.selective_state_update_triton(state, x,
+dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> y``, which updates ``state`` in
+place. When gradients are needed, every backend runs out of place on the gathered state rows and
+the result is written back with a differentiable copy, so a token-by-token loop can be
+backpropagated (the Triton kernel's gradient comes from recomputing through ``batched.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ssmkit.ops import checks
+from ssmkit.ops.dispatch import resolve
+from ssmkit.ops.step.batched import selective_state_update_batched
+from ssmkit.ops.step.reference import selective_state_update_ref
+
+_OP = "ssmkit.ops.step"
+
+Dims = Sequence[checks.Dim]
+
+
+def _describe(dims: Dims) -> str:
+    labels = ", ".join(label for label, _ in dims)
+    sizes = [str(size) if size is not None else "?" for _, size in dims]
+    shown = "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
+    return f"({labels}) = {shown}"
+
+
+def _shape_one_of(name: str, value: torch.Tensor, options: Sequence[Dims]) -> int:
+    """Check that ``value`` has one of the shapes in ``options``; return the index of the match."""
+    for index, dims in enumerate(options):
+        if value.dim() == len(dims) and all(
+            size is None or s == size for s, (_, size) in zip(value.shape, dims)
+        ):
+            return index
+    expected = " or ".join(_describe(dims) for dims in options)
+    raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
+
+
+def _recompute_grads(
+    forward: Callable[..., Sequence[torch.Tensor]],
+    inputs: Sequence[torch.Tensor | None],
+    needs_grad: Sequence[bool],
+    grad_outputs: Sequence[torch.Tensor | None],
+) -> list[torch.Tensor | None]:
+    """Gradients of ``forward(*inputs)`` for the inputs flagged in ``needs_grad``, by re-running it
+    under autograd (used to differentiate through the forward-only Triton kernel)."""
+    with torch.enable_grad():
+        leaves = [
+            t.detach().requires_grad_(need) if isinstance(t, torch.Tensor) else t
+            for t, need in zip(inputs, needs_grad)
+        ]
+        outputs = forward(*leaves)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    wrt = [leaf for leaf, need in zip(leaves, needs_grad) if need]
+    grads = iter(
+        torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+        if pairs and wrt
+        else [None] * len(wrt)
+    )
+    return [next(grads) if need else None for need in needs_grad]
+
+
+class _TritonStep(torch.autograd.Function):
+    """Differentiable step on gathered state rows; the kernel updates a copy of them."""
+
+    @staticmethod
+    def forward(ctx, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+        from ssmkit.ops.step.triton import selective_state_update_triton
+
+        new_state = state.clone()
+        y = selective_state_update_triton(new_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, None)
+        ctx.save_for_backward(state, x, dt, A, B, C, D, z, dt_bias)
+        ctx.dt_softplus = dt_softplus
+        return y, new_state
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_state):
+        forward = lambda *tensors: selective_state_update_batched(*tensors, ctx.dt_softplus)
+        grads = _recompute_grads(forward, ctx.saved_tensors, ctx.needs_input_grad[:9], [grad_y, grad_state])
+        return (*grads, None)
+
+
+def _canonical(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, ...]:
+    """Check shapes and return the canonical (Mamba-2 layout) views, see the module docstring."""
+    if state.dim() == 4:
+        _, nheads, headdim, dstate = state.shape
+        checks.shape("x", x, [("batch", None), ("nheads", nheads), ("headdim", headdim)])
+        batch = x.shape[0]
+        full, per_head = (
+            [("batch", batch), ("nheads", nheads), ("headdim", headdim)],
+            [("batch", batch), ("nheads", nheads)],
+        )
+        if _shape_one_of("dt", dt, [full, per_head]) == 1:
+            dt = dt.unsqueeze(-1).expand(batch, nheads, headdim)
+        A_options = [[("nheads", nheads), ("headdim", headdim), ("dstate", dstate)], [("nheads", nheads)]]
+        if _shape_one_of("A", A, A_options) == 1:
+            A = A[:, None, None].expand(nheads, headdim, dstate)
+        checks.shape("B", B, [("batch", batch), ("ngroups", None), ("dstate", dstate)])
+        ngroups = B.shape[1]
+        checks.shape("C", C, [("batch", batch), ("ngroups", ngroups), ("dstate", dstate)])
+        checks.divisible("nheads", nheads, "ngroups", ngroups)
+        per_channel = [[("nheads", nheads), ("headdim", headdim)], [("nheads", nheads)]]
+        if D is not None and _shape_one_of("D", D, per_channel) == 1:
+            D = D.unsqueeze(-1).expand(nheads, headdim)
+        if dt_bias is not None and _shape_one_of("dt_bias", dt_bias, per_channel) == 1:
+            dt_bias = dt_bias.unsqueeze(-1).expand(nheads, headdim)
+        if z is not None:
+            checks.shape("z", z, full)
+        return state, x, dt, A, B, C, D, z, dt_bias
+
+    if state.dim() != 3:
+        raise ValueError(
+            "state must have shape (batch, nheads, headdim, dstate) or (batch, dim, dstate), "
+            f"got {tuple(state.shape)}"
+        )
+    _, dim, dstate = state.shape
+    checks.shape("x", x, [("batch", None), ("dim", dim)])
+    batch = x.shape[0]
+    checks.shape("dt", dt, [("batch", batch), ("dim", dim)])
+    checks.shape("A", A, [("dim", dim), ("dstate", dstate)])
+    shared = [("batch", batch), ("dstate", dstate)]
+    if _shape_one_of("B", B, [shared, [("batch", batch), ("ngroups", None), ("dstate", dstate)]]) == 0:
+        # B and C shared by all channels: one group.
+        checks.shape("C", C, shared)
+        B, C = B.unsqueeze(1), C.unsqueeze(1)
+    else:
+        checks.shape("C", C, [("batch", batch), ("ngroups", B.shape[1]), ("dstate", dstate)])
+    ngroups = B.shape[1]
+    checks.divisible("dim", dim, "ngroups", ngroups)
+    for name, value in (("D", D), ("dt_bias", dt_bias)):
+        if value is not None:
+            checks.shape(name, value, [("dim", dim)])
+    if z is not None:
+        checks.shape("z", z, [("batch", batch), ("dim", dim)])
+    unsqueeze = lambda t: None if t is None else t.unsqueeze(-1)
+    # Mamba-1 as dim heads of headdim 1: A (dim, dstate) -> (dim, 1, dstate).
+    return (
+        state.unsqueeze(2),
+        unsqueeze(x),
+        unsqueeze(dt),
+        A.unsqueeze(1),
+        B,
+        C,
+        unsqueeze(D),
+        unsqueeze(z),
+        unsqueeze(dt_bias),
+    )
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    state_batch_indices: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One decode step of a selective SSM; updates ``state`` IN PLACE and returns y.
+
+    Mamba-2 layout: state (batch, nheads, headdim, dstate)   x, z: (batch, nheads, headdim)
+        dt: (batch, nheads, headdim) or (batch, nheads)   A: (nheads, headdim, dstate) or (nheads,)
+        B, C: (batch, ngroups, dstate)   D, dt_bias: (nheads, headdim) or (nheads,)
+    Mamba-1 layout: state (batch, dim, dstate)   x, dt, z: (batch, dim)   A: (dim, dstate)
+        B, C: (batch, dstate) or (batch, ngroups, dstate)   D, dt_bias: (dim,)
+    state_batch_indices: int (batch,); row i updates state[state_batch_indices[i]] of a state pool
+        with any number of rows. Not range-checked (that would synchronise with the GPU);
+        duplicate indices are undefined.
+
+    With dt' = softplus(dt + dt_bias) (softplus only if dt_softplus):
+        state = exp(dt' A) state + dt' x B;   y = (state C + D x) * silu(z)
+    Computed in fp32 (fp64 for fp64 inputs); the state is written back in its own dtype and y is
+    returned shaped and typed like x. Differentiable (see the module docstring); a leaf state that
+    requires grad must be cloned first.
+    """
+    names = ("state", "x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    values = (state, x, dt, A, B, C, D, z, dt_bias)
+    for name, value in zip(names, values):
+        if checks.tensor(name, value, optional=name in ("D", "z", "dt_bias")) is not None:
+            checks.floating(name, value)
+    indices = checks.tensor("state_batch_indices", state_batch_indices, optional=True)
+    checks.same_device("state", state, **dict(zip(names[1:], values[1:])), state_batch_indices=indices)
+    canonical = _canonical(state, x, dt, A, B, C, D, z, dt_bias)
+    state4, inputs = canonical[0], canonical[1:]
+    batch = x.shape[0]
+    if indices is None:
+        if state.shape[0] != batch:
+            raise ValueError(
+                f"state must have batch size {batch} (that of x) without state_batch_indices, "
+                f"got shape {tuple(state.shape)}"
+            )
+    else:
+        checks.integer("state_batch_indices", indices)
+        checks.shape("state_batch_indices", indices, [("batch", batch)])
+
+    implementation = resolve(_OP, backend, x.device)
+    needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in values)
+    if implementation == "triton" and not needs_grad:
+        from ssmkit.ops.step.triton import selective_state_update_triton
+
+        y = selective_state_update_triton(state4, *inputs, dt_softplus, indices)
+        return y if state.dim() == 4 else y.squeeze(-1)
+
+    if needs_grad and state.is_leaf and state.requires_grad:
+        raise ValueError(
+            "state is updated in place and cannot be a leaf tensor that requires grad; "
+            "pass a clone (e.g. state.clone()) to differentiate with respect to it"
+        )
+    # Copy the rows when autograd may need the old values after they are overwritten.
+    if indices is not None:
+        indices = indices.long()  # index_copy_ takes int64 only
+        rows = state4.index_select(0, indices)
+    else:
+        rows = state4.clone() if needs_grad else state4
+    if implementation == "triton":
+        y, new_rows = _TritonStep.apply(rows, *inputs, dt_softplus)
+    else:
+        fn = selective_state_update_ref if implementation == "reference" else selective_state_update_batched
+        y, new_rows = fn(rows, *inputs, dt_softplus)
+    if indices is not None:
+        state4.index_copy_(0, indices, new_rows)
+    else:
+        state4.copy_(new_rows)
+    return y if state.dim() == 4 else y.squeeze(-1)
