@@ -1,0 +1,55 @@
+"""Per-layer inference state: what a layer carries from one call to the next.
+
+An SSM layer's state has a fixed size whatever the length (a conv window and the SSM state); an
+attention layer keeps its keys and values. A cache (``ssmkit.models.cache``) holds one per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SSMState:
+    """conv: (batch, conv_channels, d_conv - 1), the last inputs of the causal conv.
+    ssm: (batch, d_inner, d_state) for Mamba-1 and S4, (batch, nheads, headdim, d_state) for Mamba-2.
+    """
+
+    conv: torch.Tensor | None
+    ssm: torch.Tensor
+
+    def reset(self) -> None:
+        if self.conv is not None:
+            self.conv.zero_()
+        self.ssm.zero_()
+
+    def nbytes(self) -> int:
+        return self.ssm.numel() * self.ssm.element_size() + (
+            0 if self.conv is None else self.conv.numel() * self.conv.element_size()
+        )
+
+
+@dataclass
+class KVState:
+    """key, value: (batch, num_kv_heads, length, head_dim); grows by concatenation."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.key.shape[2]
+
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.key = torch.cat([self.key, key], dim=2)
+        self.value = torch.cat([self.value, value], dim=2)
+        return self.key, self.value
+
+    def reset(self) -> None:
+        self.key = self.key[:, :, :0]
+        self.value = self.value[:, :, :0]
+
+    def nbytes(self) -> int:
+        return 2 * self.key.numel() * self.key.element_size()
