@@ -64,12 +64,6 @@ def test_penalty_is_zero_below_target_and_differentiable_above():
     assert model.A_log.grad is not None and model.A_log.grad.abs().sum() > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="LanguageModel's cache path is not differentiable yet: Mamba2Mixer saves state.ssm for "
-    "backward as the initial state, then overwrites it in place with copy_",
-)
 def test_penalty_through_a_tiny_mamba2_cache():
     model = _tiny()
     ids = torch.randint(0, 101, (2, 24))

@@ -130,7 +130,7 @@ class Mamba1Mixer(nn.Module):
         )
         if want_state:
             x, conv_final = conv_out
-            state.conv.copy_(conv_final)
+            state.store(conv=conv_final)
         else:
             x = conv_out
         record(self, "conv1d", x.transpose(1, 2))
@@ -160,7 +160,7 @@ class Mamba1Mixer(nn.Module):
         )
         if want_state:
             y, last_state = result
-            state.ssm.copy_(last_state)
+            state.store(ssm=last_state)
         else:
             y = result
         y = y.transpose(1, 2)

@@ -119,7 +119,7 @@ class Mamba2Mixer(nn.Module):
         )
         if want_state:
             xBC, conv_final = conv_out
-            state.conv.copy_(conv_final)
+            state.store(conv=conv_final)
         else:
             xBC = conv_out
         xBC = xBC.transpose(1, 2)
@@ -147,7 +147,7 @@ class Mamba2Mixer(nn.Module):
         )
         if want_state:
             y, final = result
-            state.ssm.copy_(final)
+            state.store(ssm=final)
         else:
             y = result
         y = y.reshape(batch, seqlen, self.d_inner)

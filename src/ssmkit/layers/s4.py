@@ -105,7 +105,7 @@ class S4DLayer(nn.Module):
         D = self.D.to(dt.dtype)
         if state is not None:
             y, last = ops.s4.s4d_recurrent(u, A, B, C, dt, D, initial_state=state.ssm, return_state=True)
-            state.ssm.copy_(last)
+            state.store(ssm=last)
         elif cu_seqlens is not None:
             # The FFT convolution has no notion of sequence boundaries: convolve each sequence alone.
             bounds = cu_seqlens.tolist()

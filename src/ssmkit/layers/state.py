@@ -25,6 +25,22 @@ class SSMState:
             self.conv.zero_()
         self.ssm.zero_()
 
+    def store(self, *, conv: torch.Tensor | None = None, ssm: torch.Tensor | None = None) -> None:
+        """Keep the final states of a call.
+
+        Without autograd the buffers are written in place, so they keep their identity (what CUDA
+        graphs and the cache rely on). While autograd records, the new tensors are bound instead: the
+        old ones were saved for backward as initial states and an in-place write would corrupt them.
+        """
+        for name, value in (("conv", conv), ("ssm", ssm)):
+            if value is None:
+                continue
+            current = getattr(self, name)
+            if torch.is_grad_enabled() and (value.requires_grad or current.requires_grad):
+                setattr(self, name, value)
+            else:
+                current.copy_(value)
+
     def nbytes(self) -> int:
         return self.ssm.numel() * self.ssm.element_size() + (
             0 if self.conv is None else self.conv.numel() * self.conv.element_size()
