@@ -40,6 +40,10 @@ def record(module: nn.Module | None, stage: str, value: torch.Tensor) -> None:
 
     value: (batch, seqlen, ...) — every stage is recorded token-major so the tool can diff per token.
     """
+    if (
+        torch.compiler.is_compiling()
+    ):  # a debugging aid: compiled graphs never record (dynamo cannot trace ContextVars)
+        return
     store = _active.get()
     if store is None:
         return

@@ -62,10 +62,14 @@ def current_backend() -> str:
     return "auto"
 
 
-@functools.lru_cache(maxsize=1)
+# Checked once at import, without importing triton: torch.compile (dynamo) refuses to trace
+# importlib calls, so nothing on the dispatch path may call find_spec while a graph is traced.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    """True when the ``triton`` package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when the ``triton`` package can be imported."""
+    return _TRITON_IMPORTABLE
 
 
 def triton_interpret() -> bool:

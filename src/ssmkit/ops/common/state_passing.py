@@ -82,4 +82,19 @@ def state_passing(
     decay = decay.reshape(batch, nchunks, nheads, *(1,) * (chunk_states.dim() - 3))
     if initial_state is not None:
         initial_state = initial_state.to(chunk_states.dtype)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the out= writes into strided slices; the functional loop is the same
+        # recurrence, and the compiler fuses it.
+        return _state_passing_functional(chunk_states, decay, initial_state)
     return _StatePassing.apply(chunk_states, decay, initial_state)
+
+
+def _state_passing_functional(
+    chunk_states: torch.Tensor, decay: torch.Tensor, initial_state: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    state = torch.zeros_like(chunk_states[:, 0]) if initial_state is None else initial_state
+    entering = []
+    for c in range(chunk_states.shape[1]):
+        entering.append(state)
+        state = chunk_states[:, c] + decay[:, c] * state
+    return torch.stack(entering, dim=1), state
