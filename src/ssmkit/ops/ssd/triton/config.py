@@ -1,0 +1,51 @@
+"""Block sizes for the SSD kernels: a small pre-chosen set per GPU generation, no autotuning.
+
+The first call must not stall on a configuration sweep, so each stage reads its tile sizes from
+here. On the CPU interpreter every extra loop iteration costs Python time while a larger block
+costs only numpy work, so the interpreter gets blocks that cover a whole chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+def next_pow2(value: int, minimum: int = 16) -> int:
+    """Smallest power of two >= ``value`` and >= ``minimum`` (tl.dot needs each dim >= 16)."""
+    size = minimum
+    while size < value:
+        size *= 2
+    return size
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch parameters shared by the stages."""
+
+    block_m: int  # rows of a chunk (positions) per program in the scan-like stages
+    block_k: int  # reduction tile over positions inside a chunk
+    block_state: int  # tile over headdim / dstate in the state stages
+    num_warps: int
+    num_stages: int
+
+
+@functools.cache
+def _gpu_tiles(capability: tuple[int, int]) -> Tiles:
+    if capability[0] >= 9:  # Hopper: more shared memory, deeper pipelines pay off
+        return Tiles(block_m=64, block_k=64, block_state=64, num_warps=4, num_stages=3)
+    return Tiles(block_m=64, block_k=32, block_state=64, num_warps=4, num_stages=2)
+
+
+def tiles_for(device: torch.device, chunk_size: int) -> Tiles:
+    """Tiles for ``device``; on the CPU interpreter one block spans the whole (padded) chunk."""
+    if device.type != "cuda":
+        whole = next_pow2(chunk_size)
+        return Tiles(block_m=whole, block_k=whole, block_state=64, num_warps=1, num_stages=1)
+    tiles = _gpu_tiles(torch.cuda.get_device_capability(device))
+    # A tile larger than the chunk only adds masked work.
+    block_m = min(tiles.block_m, next_pow2(chunk_size))
+    block_k = min(tiles.block_k, next_pow2(chunk_size))
+    return Tiles(block_m, block_k, tiles.block_state, tiles.num_warps, tiles.num_stages)
