@@ -1,0 +1,158 @@
+"""Triton gated RMSNorm, registered as ``ssmkit::rms_norm_gated_fwd`` / ``ssmkit::rms_norm_gated_bwd``.
+
+The forward op returns the output and the per-(row, group) reciprocal RMS the backward reuses; its
+autograd formula is registered with ``torch.library.register_autograd`` (the custom-op form of an
+``autograd.Function``), so torch.compile traces the pair without graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ssmkit.ops.norm.triton.norm_bwd import rms_norm_gated_bwd
+from ssmkit.ops.norm.triton.norm_fwd import MAX_GROUP_SIZE, rms_norm_gated_fwd
+
+__all__ = ["rms_norm_gated_triton"]
+
+
+def _device_context(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    # Triton launches on the current CUDA device: make it the device of the tensors.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _rstd_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
+
+
+@torch.library.custom_op(
+    "ssmkit::rms_norm_gated_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? z, float eps, int group_size, bool norm_before_gate) "
+    "-> (Tensor, Tensor)",
+)
+def _rms_norm_gated_fwd_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor | None,
+    eps: float,
+    group_size: int,
+    norm_before_gate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dim = x.shape[-1]
+    x2d = x.reshape(-1, dim)
+    z2d = z.reshape(-1, dim) if z is not None else None
+    rows = x2d.shape[0]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rstd = torch.empty((rows, dim // group_size), dtype=_rstd_dtype(x, weight, z), device=x.device)
+    if rows > 0:
+        with _device_context(x):
+            rms_norm_gated_fwd(x2d, weight, z2d, eps, group_size, norm_before_gate, out.view(rows, dim), rstd)
+    return out, rstd
+
+
+@_rms_norm_gated_fwd_op.register_fake
+def _(x, weight, z, eps, group_size, norm_before_gate):
+    dim = x.shape[-1]
+    rows = x.numel() // dim
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty((rows, dim // group_size), dtype=_rstd_dtype(x, weight, z), device=x.device),
+    )
+
+
+@torch.library.custom_op(
+    "ssmkit::rms_norm_gated_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor? z, Tensor rstd, int group_size, "
+    "bool norm_before_gate) -> (Tensor, Tensor, Tensor)",
+)
+def _rms_norm_gated_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor | None,
+    rstd: torch.Tensor,
+    group_size: int,
+    norm_before_gate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dx, dz (an empty tensor when z is None: custom ops cannot return None) and dweight."""
+    dim = x.shape[-1]
+    x2d = x.reshape(-1, dim)
+    dy2d = dy.reshape(-1, dim)
+    z2d = z.reshape(-1, dim) if z is not None else None
+    rows = x2d.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dz = torch.empty(
+        x.shape if z is not None else (0,), dtype=z.dtype if z is not None else x.dtype, device=x.device
+    )
+    if rows == 0:
+        return dx, dz, torch.zeros_like(weight)
+    with _device_context(x):
+        dweight = rms_norm_gated_bwd(
+            dy2d,
+            x2d,
+            weight,
+            z2d,
+            rstd,
+            group_size,
+            norm_before_gate,
+            dx.view(rows, dim),
+            dz.view(rows, dim) if z is not None else None,
+        )
+    return dx, dz, dweight.to(weight.dtype)
+
+
+@_rms_norm_gated_bwd_op.register_fake
+def _(dy, x, weight, z, rstd, group_size, norm_before_gate):
+    dz = torch.empty(
+        x.shape if z is not None else (0,), dtype=z.dtype if z is not None else x.dtype, device=x.device
+    )
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dz, torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, z, eps, group_size, norm_before_gate = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, z, rstd)
+    ctx.group_size = group_size
+    ctx.norm_before_gate = norm_before_gate
+
+
+def _backward(ctx, grad_out, grad_rstd):
+    # rstd is an auxiliary output for the backward only; callers never differentiate through it.
+    x, weight, z, rstd = ctx.saved_tensors
+    dx, dz, dweight = _rms_norm_gated_bwd_op(
+        grad_out, x, weight, z, rstd, ctx.group_size, ctx.norm_before_gate
+    )
+    return dx, dweight, dz if z is not None else None, None, None, None
+
+
+torch.library.register_autograd("ssmkit::rms_norm_gated_fwd", _backward, setup_context=_setup_context)
+
+
+def rms_norm_gated_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    z: torch.Tensor | None,
+    eps: float,
+    group_size: int,
+    norm_before_gate: bool,
+) -> torch.Tensor:
+    """Gated RMSNorm over groups of ``group_size`` channels, forward and backward in Triton.
+
+    x: (..., dim)   weight: (dim,)   z: (..., dim) or None (plain RMSNorm)
+    norm_before_gate=True: rmsnorm(x) * weight * silu(z); False: rmsnorm(x * silu(z)) * weight.
+    Returns out: (..., dim) in x's dtype; gradients flow to x, z and weight. Computes in fp32 (fp64
+    for fp64 inputs). Arguments are validated by the interface.
+    """
+    if group_size > MAX_GROUP_SIZE:
+        raise ValueError(
+            f"group_size must be at most {MAX_GROUP_SIZE} for the Triton kernels (a group is normalised "
+            f"in one tile), got {group_size}; use backend='torch'"
+        )
+    out, _ = _rms_norm_gated_fwd_op(x, weight, z, eps, group_size, norm_before_gate)
+    return out
