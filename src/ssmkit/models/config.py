@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAYER_TYPES = ("mamba1", "mamba2", "attention", "s4")
+LAYER_TYPES = ("mamba1", "mamba2", "attention", "s4", "grounded")
 
 
 @dataclass
@@ -81,6 +81,33 @@ class S4Config:
 
 
 @dataclass
+class GroundedConfig:
+    """GroundedMamba mixer (:class:`ssmkit.layers.grounded.GroundedMixer`): a stable selective SSM
+    and an RWKV-style grounded memory mixed by a gate fixed at ``gate_fixed_ssm`` for the first
+    ``gate_fixed_steps`` training calls, learned afterwards."""
+
+    d_state: int = 16
+    expand: int = 2
+    dt_rank: int | None = None
+    discretization: str = "euler"  # "euler": A_d = I + A*dt; "zoh": matrix exponential
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_bias_init: tuple[float, float] = (1.0, 0.5)
+    spectral_bound: float = 0.999
+    num_heads: int = 4
+    head_dim: int | None = None  # None: d_model // num_heads
+    memory_size: int = 1024
+    memory_alpha: float = 0.01
+    memory_update_every: int = 100
+    retrieval_heads: int = 1
+    chunk_size: int = 64
+    gate_fixed_ssm: float = 0.7
+    gate_fixed_steps: int = 1000
+    gate_history_size: int = 1000
+    norm_eps: float | None = None  # None: the model's norm_eps
+
+
+@dataclass
 class MLPConfig:
     """Gated MLP (SwiGLU) after each mixer when ``d_intermediate > 0``; with ``num_experts > 0``
     a top-k mixture of experts (each of width ``expert_intermediate``) is added to it, as in
@@ -113,6 +140,7 @@ class ModelConfig:
     mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     s4: S4Config = field(default_factory=S4Config)
+    grounded: GroundedConfig = field(default_factory=GroundedConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -199,6 +227,18 @@ class ModelConfig:
                     f"attention.rotary_dim ({rotary}) must be even and at most head_dim "
                     f"({self.attention_head_dim})"
                 )
+        if "grounded" in self.layer_types:
+            g = self.grounded
+            head_dim = g.head_dim or self.d_model // g.num_heads
+            if head_dim < 1 or (g.num_heads * head_dim) % g.retrieval_heads != 0:
+                raise ValueError(
+                    f"grounded: num_heads * head_dim ({g.num_heads} * {head_dim}) must be positive and "
+                    f"divisible by grounded.retrieval_heads ({g.retrieval_heads})"
+                )
+            if g.discretization not in ("euler", "zoh"):
+                raise ValueError(
+                    f"grounded.discretization must be 'euler' or 'zoh', got {g.discretization!r}"
+                )
         if self.mlp.layers is not None:
             bad = [i for i in self.mlp.layers if not 0 <= i < self.n_layer]
             if bad:
@@ -224,6 +264,7 @@ class ModelConfig:
             "mamba2": Mamba2Config,
             "attention": AttentionConfig,
             "s4": S4Config,
+            "grounded": GroundedConfig,
             "mlp": MLPConfig,
         }
         kwargs: dict[str, Any] = {}
@@ -242,6 +283,8 @@ class ModelConfig:
                 if bad:
                     raise ValueError(f"unknown {key} config keys {bad}; known keys: {sorted(sub_known)}")
                 value = dict(value)
+                if "dt_bias_init" in value:
+                    value["dt_bias_init"] = tuple(value["dt_bias_init"])
                 if "dt_limit" in value:
                     value["dt_limit"] = tuple(_decode_float(v) for v in value["dt_limit"])
                 kwargs[key] = sub_cls(**value)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from torch import nn
 
 from ssmkit.layers.attention import Attention
 from ssmkit.layers.block import Block
+from ssmkit.layers.grounded import GroundedMixer
 from ssmkit.layers.mamba1 import Mamba1Mixer
 from ssmkit.layers.mamba2 import Mamba2Mixer
 from ssmkit.layers.mlp import FeedForward
@@ -20,6 +24,9 @@ from ssmkit.layers.s4 import S4DLayer
 from ssmkit.layers.tracing import record
 from ssmkit.models.cache import InferenceCache
 from ssmkit.models.config import ModelConfig
+
+if TYPE_CHECKING:  # inference sits above models: imported for the annotations only
+    from ssmkit.inference import GenerationOutput
 
 
 @dataclass
@@ -81,6 +88,12 @@ def build_mixer(config: ModelConfig, kind: str) -> nn.Module:
             softmax_scale=a.softmax_scale,
             bias=a.bias,
         )
+    if kind == "grounded":
+        g = config.grounded
+        kwargs = dataclasses.asdict(g)
+        kwargs["dt_bias_init"] = tuple(g.dt_bias_init)
+        kwargs["norm_eps"] = g.norm_eps if g.norm_eps is not None else config.norm_eps
+        return GroundedMixer(d, **kwargs)
     if kind == "s4":
         s = config.s4
         return S4DLayer(d, d_state=s.d_state, dt_min=s.dt_min, dt_max=s.dt_max, init=s.init)
@@ -232,6 +245,20 @@ class LanguageModel(nn.Module):
         if labels is not None:
             loss = next_token_loss(logits, labels, seq_idx)
         return LMOutput(logits=logits, loss=loss)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompts: torch.Tensor | list, **kwargs: Any) -> GenerationOutput:
+        """Continue prompts (input_ids (batch, seqlen) or a list of prompts of any lengths); see
+        :func:`ssmkit.inference.generate` for the arguments and the returned GenerationOutput."""
+        from ssmkit.inference import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def stream(self, prompts: torch.Tensor | list, **kwargs: Any) -> Iterator[list[int | None]]:
+        """Yield each step's new tokens; see :func:`ssmkit.inference.stream`."""
+        from ssmkit.inference import stream
+
+        return stream(self, prompts, **kwargs)
 
     # ---------------------------------------------------------------- Hugging Face checkpoints
     @classmethod

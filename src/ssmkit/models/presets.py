@@ -6,7 +6,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 
-from ssmkit.models.config import AttentionConfig, Mamba1Config, Mamba2Config, MLPConfig, ModelConfig
+from ssmkit.models.config import (
+    AttentionConfig,
+    GroundedConfig,
+    Mamba1Config,
+    Mamba2Config,
+    MLPConfig,
+    ModelConfig,
+)
 
 # (Mamba-1 name, Mamba-2 name, n_layer, d_model): the GPT-3-like ladder of Table 12, with two
 # Mamba layers per Transformer layer (a Mamba block has ~6 d^2 parameters where attention + MLP
@@ -70,6 +77,26 @@ def _granite_350m() -> ModelConfig:
     )
 
 
+def _grounded_minimal() -> ModelConfig:
+    """The GroundedMamba document's starting point: dim 512, depth 8, SSM state 16, 4 memory heads."""
+    return ModelConfig(
+        d_model=512,
+        n_layer=8,
+        vocab_size=10000,
+        default_layer="grounded",
+        grounded=GroundedConfig(d_state=16, num_heads=4),
+    )
+
+
+def _grounded_production() -> ModelConfig:
+    """The document's configuration section: dim 2048, depth 24, SSM state 64, 16 heads of 128,
+    a memory bank of 4096 slots read by 4 retrieval heads."""
+    grounded = GroundedConfig(d_state=64, num_heads=16, head_dim=128, memory_size=4096, retrieval_heads=4)
+    return ModelConfig(
+        d_model=2048, n_layer=24, vocab_size=10000, default_layer="grounded", grounded=grounded
+    )
+
+
 def _tiny(kind: str) -> Callable[[], ModelConfig]:
     """Tiny odd-sized configs for tests: seconds on a CPU."""
 
@@ -85,6 +112,16 @@ def _tiny(kind: str) -> Callable[[], ModelConfig]:
             )
         if kind == "s4":
             return ModelConfig(**common, default_layer="s4", mlp=MLPConfig(d_intermediate=64))
+        if kind == "grounded":
+            grounded = GroundedConfig(
+                d_state=5,
+                num_heads=4,
+                memory_size=32,
+                memory_update_every=3,
+                gate_fixed_steps=4,
+                chunk_size=8,
+            )
+            return ModelConfig(**common, default_layer="grounded", grounded=grounded)
         # hybrid: Granite-like, one attention layer among Mamba-2 layers, with an MLP per block
         return ModelConfig(
             d_model=48,
@@ -106,7 +143,9 @@ for _name1, _name2, _n_layer, _d_model in _TABLE_12:
     PRESETS[f"mamba-{_name1}"] = _mamba1(_n_layer, _d_model)
     PRESETS[f"mamba2-{_name2}"] = _mamba2(_n_layer, _d_model)
 PRESETS["granite-4.0-h-350m"] = _granite_350m
-for _kind in ("mamba1", "mamba2", "s4", "hybrid"):
+PRESETS["grounded-minimal"] = _grounded_minimal
+PRESETS["grounded-production"] = _grounded_production
+for _kind in ("mamba1", "mamba2", "s4", "hybrid", "grounded"):
     PRESETS[f"tiny-{_kind}"] = _tiny(_kind)
 
 
