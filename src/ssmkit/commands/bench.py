@@ -1,4 +1,5 @@
-"""``ssmkit bench ops --device cpu|cuda``: operator benchmarks against references and peers."""
+"""``ssmkit bench ops --device cpu|cuda``: operator benchmarks against references and peers.
+``ssmkit bench generate --device cuda``: prefill/decode throughput of whole models (bench/generate.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="benchmarks against references and peer libraries")
-    parser.add_argument("suite", choices=["ops"], help="what to benchmark")
+    parser.add_argument("suite", choices=["ops", "generate"], help="what to benchmark")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; the median is reported")
     parser.add_argument("--quick", action="store_true", help="small sizes only (a smoke run of seconds)")
@@ -30,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     peers.add_peer_path(args.peers)
     torch.manual_seed(0)
+    if args.suite == "generate":
+        return _run_generate(args)
     if args.device == "cpu":
         from ssmkit.bench import ops_cpu as suite
     else:
@@ -50,4 +53,21 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         write_json(args.json, rows, {"suite": f"ops-{args.device}", "rounds": args.rounds})
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ssmkit.bench import generate as suite
+    from ssmkit.bench.report import print_table, write_json
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    rows = suite.run(device=torch.device(args.device), quick=args.quick, rounds=args.rounds)
+    print_table(
+        rows, f"ssmkit bench generate --device {args.device} (median of {args.rounds})", suite.EXTRA_COLUMNS
+    )
+    if args.json:
+        write_json(args.json, rows, {"suite": f"generate-{args.device}", "rounds": args.rounds})
     return 0

@@ -15,6 +15,7 @@ batch from prompts prefilled separately.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,9 @@ from torch import nn
 from ssmkit.layers.attention import Attention, StaticKVState
 from ssmkit.layers.state import KVState, SSMState
 
-LayerState = SSMState | KVState | StaticKVState
+# SSMState, KVState, StaticKVState, or another mixer's fixed-size state dataclass (tensor fields with
+# the batch first, reset(), nbytes()), such as the grounded layer's GroundedState.
+LayerState = SSMState | KVState | StaticKVState | object
 
 
 @dataclass
@@ -46,12 +49,21 @@ class CacheMemory:
         return self.conv + self.ssm + self.kv
 
 
+def _tensor_fields(state) -> dict[str, torch.Tensor]:
+    """The tensor fields of a layer state dataclass (SSMState, a mixer's own fixed-size state, ...)."""
+    return {
+        f.name: getattr(state, f.name)
+        for f in dataclasses.fields(state)
+        if isinstance(getattr(state, f.name), torch.Tensor)
+    }
+
+
 def _state_tensors(state: LayerState) -> list[torch.Tensor]:
-    if isinstance(state, SSMState):
-        return [t for t in (state.conv, state.ssm) if t is not None]
     if isinstance(state, StaticKVState):
         return [state.key, state.value, state.lengths]
-    return [state.key, state.value]
+    if isinstance(state, KVState):
+        return [state.key, state.value]
+    return list(_tensor_fields(state).values())
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -124,8 +136,10 @@ class InferenceCache:
             if isinstance(state, SSMState):
                 conv += _nbytes(state.conv)
                 ssm += _nbytes(state.ssm)
-            else:
+            elif isinstance(state, (KVState, StaticKVState)):
                 kv += state.nbytes()
+            else:  # another mixer's fixed-size state: recurrent, counted with the SSM states
+                ssm += state.nbytes()
         return CacheMemory(conv=conv, ssm=ssm, kv=kv)
 
     def nbytes(self) -> int:
@@ -148,15 +162,15 @@ class InferenceCache:
         """A new cache whose tensors are fn(tensor), holding ``batch`` rows."""
         states: list[LayerState] = []
         for state in self.states:
-            if isinstance(state, SSMState):
-                conv = None if state.conv is None else fn(state.conv)
-                states.append(SSMState(conv=conv, ssm=fn(state.ssm)))
-            elif isinstance(state, StaticKVState):
+            if isinstance(state, StaticKVState):
                 states.append(
                     StaticKVState(key=fn(state.key), value=fn(state.value), lengths=fn(state.lengths))
                 )
-            else:
+            elif isinstance(state, KVState):
                 states.append(KVState(key=fn(state.key), value=fn(state.value)))
+            else:  # fixed-size recurrent states: every tensor field has the batch first
+                fields = {name: fn(t) for name, t in _tensor_fields(state).items()}
+                states.append(dataclasses.replace(state, **fields))
         return InferenceCache(
             states, batch=batch, seqlen_offset=self.seqlen_offset, max_length=self.max_length
         )
@@ -197,10 +211,9 @@ class InferenceCache:
         if len(source.states) != len(self.states):
             raise ValueError(f"source has {len(source.states)} layer states, this cache {len(self.states)}")
         for layer, (mine, theirs) in enumerate(zip(self.states, source.states)):
-            if isinstance(mine, SSMState) and isinstance(theirs, SSMState):
-                if mine.conv is not None:
-                    mine.conv.index_copy_(0, index, theirs.conv.to(mine.conv.dtype))
-                mine.ssm.index_copy_(0, index, theirs.ssm.to(mine.ssm.dtype))
+            if type(mine) is type(theirs) and not isinstance(mine, (KVState, StaticKVState)):
+                for name, tensor in _tensor_fields(mine).items():
+                    tensor.index_copy_(0, index, getattr(theirs, name).to(tensor.dtype))
             elif isinstance(mine, StaticKVState) and isinstance(theirs, (KVState, StaticKVState)):
                 length = theirs.length if isinstance(theirs, KVState) else theirs.max_length
                 if length > mine.max_length:
