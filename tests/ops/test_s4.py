@@ -330,3 +330,18 @@ def test_bad_input(fn, change, error, message):
         args = dict(A=args["A"], B=args["B"], C=args["C"], dt=args["dt"], length=args.get("length", 10))
     with pytest.raises(error, match=message):
         fn(**args)
+
+
+def test_lin_system_is_ready_to_run() -> None:
+    from ssmkit.ops.s4 import s4d_lin_system
+
+    A, B, C, dt = s4d_lin_system(5, 8, generator=torch.Generator().manual_seed(0))
+    assert A.shape == B.shape == C.shape == (5, 4) and dt.shape == (5,)
+    assert bool(((dt >= 0.001) & (dt <= 0.1)).all()) and bool((A.real < 0).all())
+    u = torch.randn(2, 5, 33)
+    torch.testing.assert_close(
+        s4.s4d_forward(u, A, B, C, dt, backend="torch"),
+        s4.s4d_forward(u, A, B, C, dt, backend="reference"),
+        rtol=1e-4,
+        atol=1e-4,
+    )

@@ -108,7 +108,7 @@ def _s4_case(batch: int, seqlen: int, channels=256, dstate=64) -> Case:
     from ssmkit.ops import s4
 
     u = torch.randn(batch, channels, seqlen)
-    A, B, C, dt = s4.s4d_lin_init(channels, dstate)  # complex diagonal S4D-Lin
+    A, B, C, dt = s4.s4d_lin_system(channels, dstate)  # complex diagonal S4D-Lin
     D = torch.randn(channels)
 
     def fft() -> object:
@@ -151,7 +151,8 @@ def _conv_case(batch: int, seqlen: int, dim=3072, width=4) -> Case:
     )
 
 
-def _norm_case(tokens: int, dim=3072, group_size=3072 // 8) -> Case:
+def _norm_case(tokens: int, dim=3072, ngroups=8) -> Case:
+    group_size = dim // ngroups
     x, z, weight = torch.randn(tokens, dim), torch.randn(tokens, dim), torch.randn(dim)
 
     def run(backend: str) -> Callable[[], object]:
@@ -174,7 +175,7 @@ def cases(quick: bool = False) -> list[Case]:
             _s4_case(1, 1024, channels=16, dstate=16),
             _step_case(2, nheads=4, dstate=16),
             _conv_case(1, 256, dim=64),
-            _norm_case(256, dim=256),
+            _norm_case(256, dim=256, ngroups=4),
         ]
     return [
         _ssd_case(1, 512, True),

@@ -9,6 +9,7 @@ from ssmkit.ops.s4.interface import (
     s4d_forward,
     s4d_kernel,
     s4d_lin_init,
+    s4d_lin_system,
     s4d_real_init,
     s4d_recurrent,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "s4d_forward",
     "s4d_kernel",
     "s4d_lin_init",
+    "s4d_lin_system",
     "s4d_real_init",
     "s4d_recurrent",
 ]

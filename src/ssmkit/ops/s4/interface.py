@@ -243,3 +243,24 @@ def s4d_real_init(
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     n = torch.arange(1, N + 1, dtype=dtype, device=device).expand(H, N).clone()
     return -n, torch.log(n)
+
+
+def s4d_lin_system(
+    H: int,
+    N: int,
+    *,
+    dt_min: float = 0.001,
+    dt_max: float = 0.1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ready-to-run S4D-Lin system, initialised as in the S4D paper: A from :func:`s4d_lin_init`,
+    B = 1, C ~ complex normal (variance 1/2 per part), dt log-uniform in [dt_min, dt_max].
+
+    Returns A, B, C: (H, N // 2) complex64 and dt: (H,) float32.
+    """
+    A = s4d_lin_init(H, N, device=device)
+    B = torch.ones_like(A)
+    C = torch.randn(H, N // 2, dtype=torch.complex64, generator=generator).to(A.device)
+    log_dt = torch.rand(H, generator=generator) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    return A, B, C, torch.exp(log_dt).to(A.device)
