@@ -89,6 +89,8 @@ def _needs_floor(delta: torch.Tensor, A: torch.Tensor) -> bool:
     corners of the box [min delta, max delta] x [min A, max A]); checked once per call, it lets
     the top level skip a full pass. (The deeper levels, whose sums of delta are larger and whose
     tensors are small, always clamp.)"""
+    if torch.compiler.is_compiling():
+        return True  # always clamp inside a compiled graph: a data-dependent branch would break it
     floor = _LOG_DECAY_FLOOR[delta.dtype]
     with torch.no_grad():
         delta_lo, delta_hi = torch.aminmax(delta)
