@@ -4,6 +4,8 @@
 - :mod:`.chunking` — splitting a sequence into chunks, chunk cumsum, segment sums.
 - :mod:`.state_passing` — carrying states from chunk to chunk, with resets.
 - :mod:`.varlen` — packed sequences: ``seq_idx`` from ``cu_seqlens``, segment ids.
+- :mod:`.inplace` — differentiable in-place decode steps (conv1d, SSM step): row updates and
+  gradients of forward-only kernels by recomputation.
 """
 
 from ssmkit.ops.common.chunking import chunk_cumsum, pad_to_chunks, segsum

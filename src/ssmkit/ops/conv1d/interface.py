@@ -21,41 +21,16 @@ history needed to continue the last sequence in a next call.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 
 from ssmkit.ops import checks
+from ssmkit.ops.common import inplace
 from ssmkit.ops.conv1d.grouped import causal_conv1d_grouped, causal_conv1d_update_grouped
 from ssmkit.ops.conv1d.reference import causal_conv1d_ref, causal_conv1d_update_ref
 from ssmkit.ops.dispatch import resolve
 
 _OP = "ssmkit.ops.conv1d"
 _ACTIVATIONS = (None, "silu", "swish")
-
-
-def _recompute_grads(
-    forward: Callable[..., Sequence[torch.Tensor]],
-    inputs: Sequence[torch.Tensor | None],
-    needs_grad: Sequence[bool],
-    grad_outputs: Sequence[torch.Tensor | None],
-) -> list[torch.Tensor | None]:
-    """Gradients of ``forward(*inputs)`` for the inputs flagged in ``needs_grad``, by re-running it
-    under autograd (used to differentiate through forward-only Triton kernels)."""
-    with torch.enable_grad():
-        leaves = [
-            t.detach().requires_grad_(need) if isinstance(t, torch.Tensor) else t
-            for t, need in zip(inputs, needs_grad)
-        ]
-        outputs = forward(*leaves)
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-    wrt = [leaf for leaf, need in zip(leaves, needs_grad) if need]
-    grads = iter(
-        torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-        if pairs and wrt
-        else [None] * len(wrt)
-    )
-    return [next(grads) if need else None for need in needs_grad]
 
 
 class _TritonConv1dUpdate(torch.autograd.Function):
@@ -75,7 +50,7 @@ class _TritonConv1dUpdate(torch.autograd.Function):
     def backward(ctx, grad_out, grad_state):
         inputs = ctx.saved_tensors
         forward = lambda x, s, w, b: causal_conv1d_update_grouped(x, s, w, b, ctx.activation)
-        grads = _recompute_grads(forward, inputs, ctx.needs_input_grad[:4], [grad_out, grad_state])
+        grads = inplace.recompute_grads(forward, inputs, ctx.needs_input_grad[:4], [grad_out, grad_state])
         return (*grads, None)
 
 
@@ -202,33 +177,19 @@ def causal_conv1d_update(
 
     steps = x if x.dim() == 3 else x.unsqueeze(-1)
     implementation = resolve(_OP, backend, x.device)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, conv_state, weight, bias)
-    )
+    needs_grad = inplace.needs_grad(x, conv_state, weight, bias)
     if implementation == "triton" and not needs_grad:
         from ssmkit.ops.conv1d.triton import causal_conv1d_update_triton
 
         out = causal_conv1d_update_triton(steps, conv_state, weight, bias, activation, indices)
         return out if x.dim() == 3 else out.squeeze(-1)
 
-    if needs_grad and conv_state.is_leaf and conv_state.requires_grad:
-        raise ValueError(
-            "conv_state is updated in place and cannot be a leaf tensor that requires grad; "
-            "pass a clone (e.g. conv_state.clone()) to differentiate with respect to it"
-        )
-    # Copy the rows when autograd may need the old values after they are overwritten.
-    if indices is not None:
-        indices = indices.long()  # index_copy_ takes int64 only
-        rows = conv_state.index_select(0, indices)
-    else:
-        rows = conv_state.clone() if needs_grad else conv_state
+    if needs_grad:
+        inplace.check_not_grad_leaf("conv_state", conv_state)
     if implementation == "triton":
-        out, new_rows = _TritonConv1dUpdate.apply(steps, rows, weight, bias, activation)
+        step = lambda rows: _TritonConv1dUpdate.apply(steps, rows, weight, bias, activation)
     else:
         fn = causal_conv1d_update_ref if implementation == "reference" else causal_conv1d_update_grouped
-        out, new_rows = fn(steps, rows, weight, bias, activation)
-    if indices is not None:
-        conv_state.index_copy_(0, indices, new_rows)
-    else:
-        conv_state.copy_(new_rows)
+        step = lambda rows: fn(steps, rows, weight, bias, activation)
+    out = inplace.update_rows(conv_state, indices, needs_grad, step)
     return out if x.dim() == 3 else out.squeeze(-1)

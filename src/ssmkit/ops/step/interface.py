@@ -29,11 +29,12 @@ backpropagated (the Triton kernel's gradient comes from recomputing through ``ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from ssmkit.ops import checks
+from ssmkit.ops.common import inplace
 from ssmkit.ops.dispatch import resolve
 from ssmkit.ops.step.batched import selective_state_update_batched
 from ssmkit.ops.step.reference import selective_state_update_ref
@@ -61,30 +62,6 @@ def _shape_one_of(name: str, value: torch.Tensor, options: Sequence[Dims]) -> in
     raise ValueError(f"{name} must have shape {expected}, got {tuple(value.shape)}")
 
 
-def _recompute_grads(
-    forward: Callable[..., Sequence[torch.Tensor]],
-    inputs: Sequence[torch.Tensor | None],
-    needs_grad: Sequence[bool],
-    grad_outputs: Sequence[torch.Tensor | None],
-) -> list[torch.Tensor | None]:
-    """Gradients of ``forward(*inputs)`` for the inputs flagged in ``needs_grad``, by re-running it
-    under autograd (used to differentiate through the forward-only Triton kernel)."""
-    with torch.enable_grad():
-        leaves = [
-            t.detach().requires_grad_(need) if isinstance(t, torch.Tensor) else t
-            for t, need in zip(inputs, needs_grad)
-        ]
-        outputs = forward(*leaves)
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-    wrt = [leaf for leaf, need in zip(leaves, needs_grad) if need]
-    grads = iter(
-        torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-        if pairs and wrt
-        else [None] * len(wrt)
-    )
-    return [next(grads) if need else None for need in needs_grad]
-
-
 class _TritonStep(torch.autograd.Function):
     """Differentiable step on gathered state rows; the kernel updates a copy of them."""
 
@@ -101,7 +78,8 @@ class _TritonStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_state):
         forward = lambda *tensors: selective_state_update_batched(*tensors, ctx.dt_softplus)
-        grads = _recompute_grads(forward, ctx.saved_tensors, ctx.needs_input_grad[:9], [grad_y, grad_state])
+        grad_outputs = [grad_y, grad_state]
+        grads = inplace.recompute_grads(forward, ctx.saved_tensors, ctx.needs_input_grad[:9], grad_outputs)
         return (*grads, None)
 
 
@@ -235,31 +213,20 @@ def selective_state_update(
         checks.shape("state_batch_indices", indices, [("batch", batch)])
 
     implementation = resolve(_OP, backend, x.device)
-    needs_grad = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in values)
+    needs_grad = inplace.needs_grad(*values)
     if implementation == "triton" and not needs_grad:
         from ssmkit.ops.step.triton import selective_state_update_triton
 
         y = selective_state_update_triton(state4, *inputs, dt_softplus, indices)
         return y if state.dim() == 4 else y.squeeze(-1)
 
-    if needs_grad and state.is_leaf and state.requires_grad:
-        raise ValueError(
-            "state is updated in place and cannot be a leaf tensor that requires grad; "
-            "pass a clone (e.g. state.clone()) to differentiate with respect to it"
-        )
-    # Copy the rows when autograd may need the old values after they are overwritten.
-    if indices is not None:
-        indices = indices.long()  # index_copy_ takes int64 only
-        rows = state4.index_select(0, indices)
-    else:
-        rows = state4.clone() if needs_grad else state4
+    if needs_grad:
+        # Checked on the user's tensor: the 4-D view of a 3-D leaf is not itself a leaf.
+        inplace.check_not_grad_leaf("state", state)
     if implementation == "triton":
-        y, new_rows = _TritonStep.apply(rows, *inputs, dt_softplus)
+        step = lambda rows: _TritonStep.apply(rows, *inputs, dt_softplus)
     else:
         fn = selective_state_update_ref if implementation == "reference" else selective_state_update_batched
-        y, new_rows = fn(rows, *inputs, dt_softplus)
-    if indices is not None:
-        state4.index_copy_(0, indices, new_rows)
-    else:
-        state4.copy_(new_rows)
+        step = lambda rows: fn(rows, *inputs, dt_softplus)
+    y = inplace.update_rows(state4, indices, needs_grad, step)
     return y if state.dim() == 4 else y.squeeze(-1)
