@@ -17,46 +17,17 @@ from ssmkit.evaluation.compare import (
     run_transformers,
     save_dump,
 )
+from tests.hf_checkpoints import granite_config, mamba2_config, mamba_config, random_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference model")
 
 # One group in the Mamba-2 layers: some transformers releases normalise the gated RMSNorm over all
 # groups at once; tests/models/test_hf.py covers groups > 1 against the releases that do not.
 CONFIGS = {
-    "mamba": lambda: transformers.MambaConfig(
-        vocab_size=64, hidden_size=37, num_hidden_layers=3, state_size=13
-    ),
-    "mamba2": lambda: transformers.Mamba2Config(
-        vocab_size=64,
-        hidden_size=36,
-        num_hidden_layers=3,
-        num_heads=3,
-        head_dim=24,
-        state_size=13,
-        n_groups=1,
-        chunk_size=8,
-    ),
-    "granite": lambda: transformers.GraniteMoeHybridConfig(
-        vocab_size=64,
-        hidden_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        layer_types=["mamba", "attention", "mamba"],
-        mamba_n_heads=10,
-        mamba_d_head=8,
-        mamba_d_state=13,
-        mamba_n_groups=1,
-        mamba_chunk_size=8,
-        shared_intermediate_size=24,
-        intermediate_size=12,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        position_embedding_type="nope",
-        embedding_multiplier=3.0,
-        residual_multiplier=0.5,
-        logits_scaling=2.0,
-        attention_multiplier=0.3,
+    "mamba": lambda: mamba_config(vocab_size=64, num_hidden_layers=3, use_bias=False),
+    "mamba2": lambda: mamba2_config(vocab_size=64, num_hidden_layers=3),
+    "granite": lambda: granite_config(
+        vocab_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False
     ),
 }
 IDS = torch.tensor([[3, 17, 5, 60, 22, 9, 41, 8, 33, 2, 12]])
@@ -66,13 +37,8 @@ IDS = torch.tensor([[3, 17, 5, 60, 22, 9, 41, 8, 33, 2, 12]])
 def folders(tmp_path_factory):
     out = {}
     for name, make in CONFIGS.items():
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(make())
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
         folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
+        random_checkpoint(make(), folder)  # perturbed from the global RNG, right after the init
         out[name] = folder
     return out
 

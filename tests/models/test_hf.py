@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ssmkit.models import CheckpointError, LanguageModel, get_preset
+from tests.hf_checkpoints import granite_config, mamba2_config, mamba_config, perturb, random_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for whole models")
 
@@ -31,61 +32,22 @@ GROUPS_REASON = "this transformers normalises Mamba-2's gated RMSNorm over all g
 
 
 def _granite(**overrides):
-    base = dict(
-        vocab_size=99,
-        hidden_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        layer_types=["mamba", "attention", "mamba"],
-        mamba_n_heads=10,
-        mamba_d_head=8,
-        mamba_d_state=13,
-        mamba_n_groups=2,
-        mamba_chunk_size=8,
-        shared_intermediate_size=24,
-        intermediate_size=12,
-        num_local_experts=0,
-        num_experts_per_tok=0,
-        position_embedding_type="nope",
-        embedding_multiplier=3.0,
-        residual_multiplier=0.5,
-        logits_scaling=2.0,
-        attention_multiplier=0.3,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
-    base.update(overrides)
-    return transformers.GraniteMoeHybridConfig(**base)
+    """Two groups in the Mamba-2 layers (and a larger eps), to cover the grouped gated norm."""
+    return granite_config(**{"vocab_size": 99, "mamba_n_groups": 2, "rms_norm_eps": 1e-5, **overrides})
 
 
 CONFIGS = {
     # Mamba-1, odd sizes (d_inner 74, state 13, dt rank 3), biases on the projections, tied head
-    "mamba": lambda: transformers.MambaConfig(
-        vocab_size=101, hidden_size=37, num_hidden_layers=2, state_size=13, use_bias=True
-    ),
+    "mamba": mamba_config,
     # Mamba-2, 3 heads of 24 in 3 groups, state 13, untied head
-    "mamba2-groups": lambda: transformers.Mamba2Config(
-        vocab_size=99,
-        hidden_size=36,
-        num_hidden_layers=2,
-        num_heads=3,
-        head_dim=24,
-        state_size=13,
-        n_groups=3,
-        chunk_size=8,
-        tie_word_embeddings=False,
-    ),
+    "mamba2-groups": lambda: mamba2_config(n_groups=3),
     # Mamba-2, one group, no conv bias, tied head
-    "mamba2-tied": lambda: transformers.Mamba2Config(
+    "mamba2-tied": lambda: mamba2_config(
         vocab_size=64,
         hidden_size=48,
-        num_hidden_layers=2,
         num_heads=6,
         head_dim=16,
         state_size=8,
-        n_groups=1,
-        chunk_size=8,
         use_conv_bias=False,
         tie_word_embeddings=True,
     ),
@@ -117,18 +79,9 @@ CONFIGS = {
 
 
 def _randomise(model: torch.nn.Module) -> None:
-    """Move every parameter off its init (norm weights of exactly 1, D = 1, ... would hide mix-ups)."""
+    """Perturb our own models' weights from seed 1 (the global RNG: the prompts drawn next follow it)."""
     torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-
-
-def _hf_model(name: str):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]())
-    _randomise(model)
-    return model.eval()
+    perturb(model)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,9 +94,8 @@ def checkpoints(tmp_path_factory):
     """name -> (folder written by transformers, its logits on a fixed prompt, the prompt)."""
     out = {}
     for name in CONFIGS:
-        model = _hf_model(name)
         folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
+        model = random_checkpoint(CONFIGS[name](), folder, torch.Generator().manual_seed(1))
         ids = torch.randint(
             0, CONFIGS[name]().vocab_size, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(2)
         )

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit.layers.mamba1 import compute_precision
+from ssmkit.layers.state import check_decode
 from ssmkit.layers.tracing import record
 from ssmkit.ops.common import seq_idx_from_cu_seqlens
 from ssmkit.ops.wkv import wkv, wkv_step
@@ -579,12 +580,7 @@ class GroundedMixer(nn.Module):
         (num_seqs + 1,) int32 for packed sequences (restarts from zero); state: read as the
         initial state and overwritten with the final one; decode: one token per call."""
         if decode:
-            if state is None:
-                raise ValueError("decode=True needs the layer's state")
-            if hidden.shape[1] != 1:
-                raise ValueError(
-                    f"decode takes one token per call, got hidden of shape {tuple(hidden.shape)}"
-                )
+            check_decode(hidden, state)
         if cu_seqlens is not None and seq_idx is None:
             seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, hidden.shape[1])
         y_ssm, ssm_final = self.ssm(

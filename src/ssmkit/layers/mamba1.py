@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssmkit import ops
-from ssmkit.layers.state import SSMState
+from ssmkit.layers.state import SSMState, check_decode, keep_final
 from ssmkit.layers.tracing import record
 
 
@@ -118,33 +118,26 @@ class Mamba1Mixer(nn.Module):
         xz = self.in_proj(hidden)
         record(self, "in_proj", xz)
         x, z = xz.transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
-        want_state = state is not None
         conv_out = ops.causal_conv1d_fn(
             x,
             self.conv_weight(),
             self.conv1d.bias,
             seq_idx=seq_idx,
-            initial_states=state.conv if want_state else None,
-            return_final_states=want_state,
+            initial_states=None if state is None else state.conv,
+            return_final_states=state is not None,
             activation="silu",
         )
-        if want_state:
-            x, conv_final = conv_out
-            state.store(conv=conv_final)
-        else:
-            x = conv_out
+        x = keep_final(conv_out, state, "conv")
         record(self, "conv1d", x.transpose(1, 2))
         dt_low, B, C = torch.split(
             self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
         dt = F.linear(dt_low, self.dt_proj.weight)  # the bias goes into the scan, in fp32
-        record(self, "x", x.transpose(1, 2))
-        record(self, "B", B)
-        record(self, "C", C)
-        record(self, "dt", dt)
+        for name, value in (("x", x.transpose(1, 2)), ("B", B), ("C", C), ("dt", dt)):
+            record(self, name, value)
         record(self, "gate", z.transpose(1, 2))
         A = -torch.exp(compute_precision(self.A_log))
-        result = ops.selective_scan_fn(
+        scan_out = ops.selective_scan_fn(
             x,
             dt.transpose(1, 2),
             A,
@@ -154,15 +147,11 @@ class Mamba1Mixer(nn.Module):
             z=z,
             delta_bias=compute_precision(self.dt_proj.bias),
             delta_softplus=True,
-            return_last_state=want_state,
-            initial_state=state.ssm if want_state else None,
+            return_last_state=state is not None,
+            initial_state=None if state is None else state.ssm,
             cu_seqlens=cu_seqlens,
         )
-        if want_state:
-            y, last_state = result
-            state.store(ssm=last_state)
-        else:
-            y = result
+        y = keep_final(scan_out, state, "ssm")
         y = y.transpose(1, 2)
         record(self, "ssm_out", y)
         out = self.out_proj(y)
@@ -170,10 +159,7 @@ class Mamba1Mixer(nn.Module):
         return out
 
     def _step(self, hidden: torch.Tensor, state: SSMState | None) -> torch.Tensor:
-        if state is None:
-            raise ValueError("decode=True needs the layer's state")
-        if hidden.shape[1] != 1:
-            raise ValueError(f"decode takes one token per call, got hidden of shape {tuple(hidden.shape)}")
+        check_decode(hidden, state)
         xz = self.in_proj(hidden[:, 0])
         record(self, "in_proj", xz[:, None])
         x, z = xz.chunk(2, dim=-1)  # (batch, d_inner)

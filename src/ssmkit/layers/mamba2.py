@@ -11,7 +11,7 @@ from torch import nn
 from ssmkit import ops
 from ssmkit.layers.mamba1 import compute_precision, inverse_softplus, sample_dt
 from ssmkit.layers.norm import GatedRMSNorm
-from ssmkit.layers.state import SSMState
+from ssmkit.layers.state import SSMState, check_decode, keep_final
 from ssmkit.layers.tracing import record
 
 
@@ -81,6 +81,11 @@ class Mamba2Mixer(nn.Module):
     def conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (conv_dim, d_conv)
 
+    def _split_xBC(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(..., conv_dim) -> x (..., d_inner), B and C (..., ngroups * d_state)."""
+        groups_state = self.ngroups * self.d_state
+        return torch.split(xBC, [self.d_inner, groups_state, groups_state], dim=-1)
+
     def allocate_state(self, batch: int, *, dtype: torch.dtype, device: torch.device) -> SSMState:
         """conv (batch, conv_dim, d_conv - 1) in dtype; ssm (batch, nheads, headdim, d_state) in fp32."""
         ssm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -107,29 +112,22 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden)
         record(self, "in_proj", zxbcdt)
         z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        want_state = state is not None
         conv_out = ops.causal_conv1d_fn(
             xBC.transpose(1, 2),
             self.conv_weight(),
             self.conv1d.bias,
             seq_idx=seq_idx,
-            initial_states=state.conv if want_state else None,
-            return_final_states=want_state,
+            initial_states=None if state is None else state.conv,
+            return_final_states=state is not None,
             activation="silu",
         )
-        if want_state:
-            xBC, conv_final = conv_out
-            state.store(conv=conv_final)
-        else:
-            xBC = conv_out
-        xBC = xBC.transpose(1, 2)
+        xBC = keep_final(conv_out, state, "conv").transpose(1, 2)
         record(self, "conv1d", xBC)
-        groups_state = self.ngroups * self.d_state
-        x, B, C = torch.split(xBC, [self.d_inner, groups_state, groups_state], dim=-1)
+        x, B, C = self._split_xBC(xBC)
         for name, value in (("x", x), ("B", B), ("C", C), ("dt", dt), ("gate", z)):
             record(self, name, value)
         A = -torch.exp(compute_precision(self.A_log))
-        result = ops.mamba_chunk_scan_combined(
+        scan_out = ops.mamba_chunk_scan_combined(
             x.reshape(batch, seqlen, self.nheads, self.headdim),
             dt,
             A,
@@ -140,16 +138,12 @@ class Mamba2Mixer(nn.Module):
             dt_bias=self.dt_bias,
             dt_softplus=True,
             dt_limit=self.dt_limit,
-            initial_states=state.ssm if want_state else None,
+            initial_states=None if state is None else state.ssm,
             seq_idx=seq_idx,
             cu_seqlens=cu_seqlens,
-            return_final_states=want_state,
+            return_final_states=state is not None,
         )
-        if want_state:
-            y, final = result
-            state.store(ssm=final)
-        else:
-            y = result
+        y = keep_final(scan_out, state, "ssm")
         y = y.reshape(batch, seqlen, self.d_inner)
         record(self, "ssm_out", y)
         y = self.norm(y, z)
@@ -159,10 +153,7 @@ class Mamba2Mixer(nn.Module):
         return out
 
     def _step(self, hidden: torch.Tensor, state: SSMState | None) -> torch.Tensor:
-        if state is None:
-            raise ValueError("decode=True needs the layer's state")
-        if hidden.shape[1] != 1:
-            raise ValueError(f"decode takes one token per call, got hidden of shape {tuple(hidden.shape)}")
+        check_decode(hidden, state)
         batch = hidden.shape[0]
         zxbcdt = self.in_proj(hidden[:, 0])
         record(self, "in_proj", zxbcdt[:, None])
@@ -171,8 +162,7 @@ class Mamba2Mixer(nn.Module):
             xBC, state.conv, self.conv_weight(), self.conv1d.bias, activation="silu"
         )
         record(self, "conv1d", xBC[:, None])
-        groups_state = self.ngroups * self.d_state
-        x, B, C = torch.split(xBC, [self.d_inner, groups_state, groups_state], dim=-1)
+        x, B, C = self._split_xBC(xBC)
         for name, value in (("x", x), ("B", B), ("C", C), ("dt", dt), ("gate", z)):
             record(self, name, value[:, None])
         A = -torch.exp(compute_precision(self.A_log))

@@ -47,6 +47,26 @@ class SSMState:
         )
 
 
+def check_decode(hidden: torch.Tensor, state: object) -> None:
+    """The input a ``decode=True`` call takes: one token, hidden (batch, 1, d_model), and a state."""
+    if state is None:
+        raise ValueError("decode=True needs the layer's state")
+    if hidden.shape[1] != 1:
+        raise ValueError(f"decode takes one token per call, got hidden of shape {tuple(hidden.shape)}")
+
+
+def keep_final(
+    result: torch.Tensor | tuple[torch.Tensor, torch.Tensor], state: SSMState | None, name: str
+) -> torch.Tensor:
+    """The output of an op called with ``return_final_states=state is not None``; when there is a
+    state, the op's final state is stored in its field ``name`` ("conv" or "ssm")."""
+    if state is None:
+        return result
+    out, final = result
+    state.store(**{name: final})
+    return out
+
+
 @dataclass
 class KVState:
     """key, value: (batch, num_kv_heads, length, head_dim); grows by concatenation."""

@@ -23,16 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ssmkit.ops.common import (
-    chunk_cumsum,
-    compute_dtype,
-    pad_to_chunks,
-    process_dt,
-    segment_ids,
-    segsum,
-    seq_idx_from_cu_seqlens,
-    state_passing,
-)
+from ssmkit.ops.common import chunk_cumsum, pad_to_chunks, segment_ids, segsum, state_passing
+from ssmkit.ops.ssd.shared import prepare_inputs, skip_and_gate
 
 
 def block_size(chunk_size: int, seqlen: int, headdim: int, dstate: int) -> int:
@@ -98,22 +90,14 @@ def ssd_chunked(
     return_final_states: bool,
     return_varlen_states: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Chunked SSD; arguments and returns as :func:`ssmkit.ops.ssd.reference.ssd_reference`.
+    """Chunked SSD; arguments, shapes and returns as :func:`ssmkit.ops.ssd.reference.ssd_reference`.
 
-    x: (batch, seqlen, nheads, headdim)   dt: (batch, seqlen, nheads)   A: (nheads,)
-    B, C: (batch, seqlen, ngroups, dstate)   D: (nheads,) or (nheads, headdim)   z: like x
-    dt_bias: (nheads,)   seq_idx: (batch, seqlen) int   cu_seqlens: (num_seqs + 1,) int
-    initial_states: (batch, nheads, headdim, dstate), or (num_seqs, ...) with cu_seqlens
-    Returns ``(out, final_states, varlen_states)``: out like x (x's dtype); final_states
-    (batch, nheads, headdim, dstate) and varlen_states (num_seqs, nheads, headdim, dstate) in the
-    compute dtype (fp32, or fp64 for fp64 inputs), or None when not asked for.
+    x: (batch, seqlen, nheads, headdim); ``chunk_size`` is an upper bound on the chunk length
+    (see :func:`block_size`).
     """
     batch, seqlen, nheads, headdim = x.shape
-    dtype = compute_dtype(x.dtype)
-    if cu_seqlens is not None and seq_idx is None:
-        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, seqlen)
+    dtype, dt, seq_idx = prepare_inputs(x, dt, dt_bias, dt_softplus, dt_limit, seq_idx, cu_seqlens)
     Q = block_size(chunk_size, seqlen, headdim, B.shape[-1])
-    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
     ch = _Chunks(x, dt, A, B, C, seq_idx, Q, dtype)
 
     y_diag = _diagonal_blocks(ch)
@@ -131,11 +115,7 @@ def ssd_chunked(
     # makes the reshape below free.
     y_off = y_off.permute(0, 1, 3, 2, 4, 5).reshape(batch, ch.nchunks, Q, nheads, headdim)
     y = y_off + y_diag.transpose(2, 3)
-    y = y.reshape(batch, ch.nchunks * Q, nheads, headdim)[:, :seqlen]
-    if D is not None:
-        y = y + x.to(dtype) * (D.to(dtype)[:, None] if D.dim() == 1 else D.to(dtype))
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
+    y = skip_and_gate(y.reshape(batch, ch.nchunks * Q, nheads, headdim)[:, :seqlen], x, D, z)
 
     varlen_states = None
     if return_varlen_states:

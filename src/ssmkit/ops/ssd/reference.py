@@ -12,9 +12,8 @@ wherever ``seq_idx`` changes. Slow (a Python loop over seqlen) and meant to be: 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ssmkit.ops.common import compute_dtype, process_dt, seq_idx_from_cu_seqlens
+from ssmkit.ops.ssd.shared import prepare_inputs, skip_and_gate
 
 
 def ssd_reference(
@@ -49,14 +48,11 @@ def ssd_reference(
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[-1]
     heads_per_group = nheads // B.shape[2]
-    dtype = compute_dtype(x.dtype)
-    dt = process_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+    dtype, dt, seq_idx = prepare_inputs(x, dt, dt_bias, dt_softplus, dt_limit, seq_idx, cu_seqlens)
     A, xf = A.to(dtype), x.to(dtype)
     B = B.to(dtype).repeat_interleave(heads_per_group, dim=2)  # (batch, seqlen, nheads, dstate)
     C = C.to(dtype).repeat_interleave(heads_per_group, dim=2)
     zeros = xf.new_zeros(batch, nheads, headdim, dstate)
-    if cu_seqlens is not None and seq_idx is None:
-        seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, seqlen)
 
     def start_state(t: int) -> torch.Tensor:
         """The state before step t when a sequence starts at t."""
@@ -82,12 +78,7 @@ def ssd_reference(
         ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
         if t in last_step_of:
             varlen[last_step_of[t]] = state[0]
-    y = torch.stack(ys, dim=1)  # (batch, seqlen, nheads, headdim)
-
-    if D is not None:
-        y = y + xf * (D.to(dtype)[:, None] if D.dim() == 1 else D.to(dtype))
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
+    y = skip_and_gate(torch.stack(ys, dim=1), x, D, z)  # (batch, seqlen, nheads, headdim)
 
     varlen_states = None
     if return_varlen_states:

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ssmkit.ops.common import compute_dtype
 from ssmkit.ops.ssd.triton.combined import ssd_backward, ssd_forward
 from ssmkit.ops.ssd.triton.varlen import num_chunks
 
@@ -68,23 +69,8 @@ def _ssd_fwd(
 
 
 @_ssd_fwd.register_fake
-def _ssd_fwd_fake(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    chunk_size,
-    D,
-    z,
-    dt_bias,
-    initial_states,
-    seq_idx,
-    cu_seqlens,
-    dt_softplus,
-    dt_min,
-    dt_max,
-):
+def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *options):
+    # The shapes follow from x, B, chunk_size and cu_seqlens alone; options: dt_softplus, dt_min, dt_max.
     batch, seqlen, nheads, headdim = x.shape
     dstate = B.shape[-1]
     nseqs = _num_seqs(cu_seqlens)
@@ -153,29 +139,8 @@ def _ssd_bwd(
 
 
 @_ssd_bwd.register_fake
-def _ssd_bwd_fake(
-    dout,
-    dfinal,
-    dvarlen,
-    x,
-    dt,
-    A,
-    B,
-    C,
-    chunk_size,
-    D,
-    z,
-    dt_bias,
-    initial_states,
-    seq_idx,
-    cu_seqlens,
-    dt_softplus,
-    dt_min,
-    dt_max,
-    states,
-    dt_out,
-    cs,
-):
+def _ssd_bwd_fake(dout, dfinal, dvarlen, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, *rest):
+    # Every gradient is shaped like its input; rest: seq_idx, cu_seqlens, options, saved tensors.
     f32 = torch.float32
 
     def like(t):
@@ -196,28 +161,12 @@ def _ssd_bwd_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    (
-        x,
-        dt,
-        A,
-        B,
-        C,
-        chunk_size,
-        D,
-        z,
-        dt_bias,
-        initial_states,
-        seq_idx,
-        cu_seqlens,
-        dt_softplus,
-        dt_min,
-        dt_max,
-    ) = inputs
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *options = inputs
     _, _, _, states, dt_out, cs = output
     ctx.save_for_backward(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, states, dt_out, cs
     )
-    ctx.options = (chunk_size, dt_softplus, dt_min, dt_max)
+    ctx.options = (chunk_size, *options)  # chunk_size, dt_softplus, dt_min, dt_max
     ctx.varlen = cu_seqlens is not None
 
 
@@ -318,7 +267,7 @@ def ssd_triton(
         float(dt_limit[1]),
     )
     # States come back in the compute dtype, as from the other backends: fp32, or fp64 for fp64.
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    state_dtype = compute_dtype(dtype)
     final_states = final.to(state_dtype) if return_final_states else None
     varlen_states = varlen.to(state_dtype) if return_varlen_states and cu_seqlens is not None else None
     return out.to(dtype), final_states, varlen_states
