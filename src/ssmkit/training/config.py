@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,11 @@ from typing import Any
 # Parameters that are excluded from weight decay whatever their group (fnmatch patterns on the
 # parameter's name): biases and norm gains would only be pulled to zero; A_log, D and dt_bias set
 # the SSM's time scales and skip connection, and decaying them changes the dynamics, not the size.
-DEFAULT_NO_DECAY = ["*bias", "*norm*", "*A_log", "*.D", "D", "*dt_bias"]
+# GroundedMamba's: A_raw (its spectral normalisation sets the time scales), the WKV log_decay and
+# time_first, and the per-head GroupNorm ln_x.
+DEFAULT_NO_DECAY = [
+    "*bias", "*norm*", "*A_log", "*.D", "D", "*dt_bias", "*A_raw", "*log_decay", "*time_first", "*ln_x.*"
+]  # fmt: skip
 
 
 @dataclass
@@ -126,6 +131,50 @@ class MonitorConfig:
 
 
 @dataclass
+class AuxConfig:
+    """Weights of the auxiliary losses (see :mod:`ssmkit.training.aux_losses`); all 0 (off) by
+    default, and then the trainer computes nothing extra. The objective is ``loss + sum(w * term)``.
+
+    state_norm, memory_consistency: weights of the terms of that name reported by every module with
+    an ``auxiliary_losses(target_norm=...)`` method (GroundedMamba's mixers), called with
+    ``target_norm=state_target``. output_consistency: weight of the mean L2 norm of the change of
+    the logits from one position to the next. terms: weights of any other reported term, by name.
+    reduction: how one term reported by several modules (one per layer) is combined, "mean" (the
+    weight does not depend on depth) or "sum" (the GroundedMamba document's loop adds the layers).
+    """
+
+    state_norm: float = 0.0
+    memory_consistency: float = 0.0
+    output_consistency: float = 0.0
+    state_target: float = 5.0
+    terms: dict = field(default_factory=dict)
+    reduction: str = "mean"
+
+    def weights(self) -> dict[str, float]:
+        """Every configured weight by term name (zeros included)."""
+        named = {
+            "state_norm": self.state_norm,
+            "memory_consistency": self.memory_consistency,
+            "output_consistency": self.output_consistency,
+        }
+        # PyYAML reads "1e-2" as a string: convert here, with the term named when it is no number.
+        for name, value in self.terms.items():
+            if name in named:
+                raise ValueError(f"aux.terms.{name}: set aux.{name} instead (it has its own field)")
+            if isinstance(value, bool):
+                raise ValueError(f"aux.terms.{name} must be a number, got {value!r}")
+            try:
+                named[str(name)] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"aux.terms.{name} must be a number, got {value!r}") from None
+        return named
+
+    @property
+    def enabled(self) -> bool:
+        return any(w > 0 for w in self.weights().values())
+
+
+@dataclass
 class RecoveryConfig:
     """every: steps between checks for stuck SSM parameters (0: off). A ``A_log`` entry is stuck
     when exp(A_log) leaves [a_min, a_max] or is not finite; a parameter is stuck when it moved by
@@ -150,6 +199,7 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
     out_dir: str = "runs/default"
     max_steps: int = 1000
     grad_accum: int = 1
@@ -201,6 +251,13 @@ class TrainConfig:
                 "monitor.state_penalty needs data.packing=false: packed sequences (cu_seqlens) do not return "
                 "their final SSM states"
             )
+        for name, weight in self.aux.weights().items():
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"aux weight {name!r} must be a finite number >= 0, got {weight!r}")
+        if self.aux.reduction not in ("mean", "sum"):
+            raise ValueError(f"aux.reduction must be one of ('mean', 'sum'), got {self.aux.reduction!r}")
+        if not math.isfinite(self.aux.state_target):
+            raise ValueError(f"aux.state_target must be finite, got {self.aux.state_target}")
         if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
         if "preset" not in self.model and "init_from" not in self.model:

@@ -4,19 +4,23 @@
 them. Each feature is a component with its own module and tests: data order
 (:mod:`ssmkit.data.packing`), optimizer groups (:mod:`.optim`), schedule (:mod:`.schedule`),
 guard and snapshots (:mod:`.guards`), gradient and state monitors (:mod:`.grad_monitor`,
-:mod:`.state_monitor`), recovery (:mod:`.recovery`), checkpoints (:mod:`.checkpoint`), metrics
-(:mod:`.metrics`) and the distributed wrapper (:mod:`.distributed`).
+:mod:`.state_monitor`), auxiliary losses and step-aware modules (:mod:`.aux_losses`), recovery
+(:mod:`.recovery`), checkpoints (:mod:`.checkpoint`), metrics (:mod:`.metrics`) and the
+distributed wrapper (:mod:`.distributed`).
 
-One optimizer step: for each of this rank's ``grad_accum`` micro-batches, forward (bf16 autocast
-when asked) and backward of its loss weighted by its share of the global batch's targets (so the
-update is the exact token mean whatever the sharding); then the guard looks at the loss and the
-gradient norm, and the step is applied (clipped) or skipped or rolled back.
+One optimizer step: for each of this rank's ``grad_accum`` micro-batches, step-aware modules are
+told the optimizer step, then forward (bf16 autocast when asked) and backward of its objective
+(the loss, plus the weighted auxiliary terms and the state penalty when configured) weighted by
+its share of the global batch's targets (so the update is the exact token mean whatever the
+sharding); then the guard looks at the loss and the gradient norm, and the step is applied
+(clipped) or skipped or rolled back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import time
@@ -31,6 +35,7 @@ import ssmkit
 from ssmkit.data.packing import Batch, WindowLoader, evaluation_batches
 from ssmkit.data.tokens import TokenStream
 from ssmkit.training import distributed as dist_utils
+from ssmkit.training.aux_losses import AuxiliaryLosses, set_training_step, step_aware_modules
 from ssmkit.training.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -227,6 +232,8 @@ class Trainer:
         self.guard = Guard(config.guard)
         self.grad_monitor = GradientMonitor(config.monitor)
         self.state_monitor = StateMonitor(config.monitor)
+        self.aux = AuxiliaryLosses(config.aux, self.inner)
+        self.step_modules = step_aware_modules(self.inner)
         self.recovery = Recovery(config.recovery, seed=config.seed, rank=self.info.rank)
         c = config.checkpoint
         self.checkpoints = CheckpointManager(
@@ -273,7 +280,7 @@ class Trainer:
                 started = time.perf_counter()
                 lr = self.schedule.apply(self.step)
                 batches = self.loader.next_step()
-                loss, penalty = self._forward_backward(batches)
+                loss, penalty, aux_terms = self._forward_backward(batches)
 
                 named = named_grads(self.inner)
                 if c.monitor.zero_nonfinite_grads:
@@ -314,7 +321,7 @@ class Trainer:
                     continue
 
                 elapsed = time.perf_counter() - started
-                self._log_step(loss, penalty, lr, grad_norm, elapsed)
+                self._log_step(loss, penalty, aux_terms, lr, grad_norm, elapsed)
                 self.step += 1
                 self.iteration += 1
                 self._after_step(batches)
@@ -323,14 +330,19 @@ class Trainer:
             self.metrics.close()
         return TrainResult(self.step, self.iteration, loss, self.best_val, self.out_dir, self.events)
 
-    def _forward_backward(self, batches: list[Batch]) -> tuple[float, float]:
-        """Forward and backward of every micro-batch; returns (global mean loss, mean penalty)."""
+    def _forward_backward(self, batches: list[Batch]) -> tuple[float, float, dict[str, float]]:
+        """Forward and backward of every micro-batch; returns (global mean loss, mean penalty,
+        {auxiliary term: mean} (with "aux_loss", their weighted sum; empty when aux is off))."""
         c = self.config
         local_targets = sum(b.num_targets for b in batches)
         (global_targets,) = dist_utils.all_reduce_sum([float(local_targets)], self.device)
         weighted_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         weighted_penalty = torch.zeros((), dtype=torch.float64, device=self.device)
+        weighted_aux: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
+            # Every micro-batch sees the same step, so the gate schedule and the memory cadence
+            # follow optimizer steps whatever grad_accum (the modules count forward calls).
+            set_training_step(self.step_modules, self.step)
             batch = batch.to(self.device)
             # DDP averages gradients over ranks; scaling by world_size makes the update the token
             # mean of the whole global batch.
@@ -342,20 +354,39 @@ class Trainer:
                 with self._autocast():
                     cache = None
                     if c.monitor.state_penalty > 0:
-                        cache = self.inner.allocate_cache(batch.input_ids.shape[0])
+                        cache = self._penalty_cache(batch.input_ids.shape[0])
                     kwargs = {"labels": batch.labels, "cu_seqlens": batch.cu_seqlens}
                     if cache is not None:
                         kwargs["cache"] = cache
-                    loss = self.model(batch.input_ids, **kwargs).loss
+                    output = self.model(batch.input_ids, **kwargs)
+                    loss = output.loss
                     objective = loss
                     if cache is not None:
                         penalty = state_penalty(cache, c.monitor.state_target).to(loss.device)
                         objective = loss + c.monitor.state_penalty * penalty
                         weighted_penalty += penalty.detach().double() * batch.num_targets
+                    if self.aux.enabled:
+                        extra, terms = self.aux.compute(output.logits, batch.cu_seqlens)
+                        objective = objective + extra.to(loss.device)
+                        for name, value in {**terms, "aux_loss": extra.detach()}.items():
+                            value = value.double().to(self.device) * batch.num_targets
+                            weighted_aux[name] = weighted_aux.get(name, 0.0) + value
                 (objective.float() * weight).backward()
             weighted_loss += loss.detach().double() * batch.num_targets
-        summed = dist_utils.all_reduce_sum([weighted_loss.item(), weighted_penalty.item()], self.device)
-        return summed[0] / global_targets, summed[1] / global_targets
+        names = sorted(weighted_aux)  # the same on every rank: the same model reports the same terms
+        local = torch.stack([weighted_loss, weighted_penalty, *(weighted_aux[n] for n in names)])
+        summed = dist_utils.all_reduce_sum(local.tolist(), self.device)  # one host sync for all
+        aux = {name: value / global_targets for name, value in zip(names, summed[2:])}
+        return summed[0] / global_targets, summed[1] / global_targets, aux
+
+    def _penalty_cache(self, batch: int) -> Any:
+        """An inference cache for the state penalty. Under bf16 autocast its activation states
+        (conv windows, KV) must be bf16 like the activations they meet (the conv kernel refuses a
+        fp32 initial state for bf16 input); the layers keep their SSM states fp32 whatever dtype."""
+        allocate = self.inner.allocate_cache
+        if self.config.precision == "bf16" and "dtype" in inspect.signature(allocate).parameters:
+            return allocate(batch, dtype=torch.bfloat16)
+        return allocate(batch)
 
     def _autocast(self):
         if self.config.precision == "bf16":
@@ -371,8 +402,15 @@ class Trainer:
             self._take_snapshot()
         if self.state_monitor.due(step):
             rows = batches[0].input_ids.reshape(-1, c.data.seq_len).to(self.device)
-            with self._autocast():
+            # In eval mode: a probe is no training call, so it must not advance step-counting
+            # modules or write GroundedMamba's memory bank. In fp32 (no autocast): the monitor's
+            # cache is fp32, which a bf16 Mamba-2 forward refuses, and the norms are more exact.
+            was_training = self.inner.training
+            self.inner.eval()
+            try:
                 report = self.state_monitor.measure(self.inner, rows)
+            finally:
+                self.inner.train(was_training)
             if report is not None:
                 self.metrics.report("state", {"step": step, **report})
                 if report["nonfinite"]:
@@ -412,7 +450,9 @@ class Trainer:
         if self.info.is_main:
             logger.log(level, "%s: %s", name, {k: v for k, v in fields.items()})
 
-    def _log_step(self, loss: float, penalty: float, lr: float, grad_norm: float, elapsed: float) -> None:
+    def _log_step(
+        self, loss: float, penalty: float, aux: dict[str, float], lr: float, grad_norm: float, elapsed: float
+    ) -> None:
         if self.step % self.config.log_every != 0:
             return
         tokens_per_s = self.loader.tokens_per_step / elapsed if elapsed > 0 else float("nan")
@@ -430,6 +470,8 @@ class Trainer:
             record["mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.info.world_size)
         if self.config.monitor.state_penalty > 0:
             record["state_penalty"] = penalty
+        # Each auxiliary term (weighted or not) as aux_<name>; aux_loss is their weighted sum.
+        record.update({name if name == "aux_loss" else f"aux_{name}": value for name, value in aux.items()})
         self.metrics.step(record)
 
     # ---------------------------------------------------------------- evaluation
