@@ -121,7 +121,8 @@ def selective_scan_fn(
     else:
         scan = selective_scan_chunked
     flags = (bool(delta_softplus), bool(return_last_state))
-    out, last_state = scan(u, delta, A, B, C, D, z, delta_bias, *flags, initial_state, cu_seqlens)
+    with torch.autocast(u.device.type, enabled=False):  # the operator picks its own precision
+        out, last_state = scan(u, delta, A, B, C, D, z, delta_bias, *flags, initial_state, cu_seqlens)
     return (out, last_state) if return_last_state else out
 
 

@@ -82,11 +82,14 @@ def mamba_chunk_scan_combined(
         from ssmkit.ops.ssd.chunked import ssd_chunked as fn
     else:
         from ssmkit.ops.ssd.triton import ssd_triton as fn
-    out, final_states, varlen_states = fn(
-        x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-        bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])),
-        bool(return_final_states), bool(return_varlen_states),
-    )  # fmt: skip
+    # The operator chooses its own precision (fp32 inside for half inputs): an enclosing autocast
+    # region must not recast its internal matmuls to bf16.
+    with torch.autocast(x.device.type, enabled=False):
+        out, final_states, varlen_states = fn(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+            bool(dt_softplus), (float(dt_limit[0]), float(dt_limit[1])),
+            bool(return_final_states), bool(return_varlen_states),
+        )  # fmt: skip
     if not return_final_states and not return_varlen_states:
         return out
     results = [out]
