@@ -235,9 +235,9 @@ def _fn_args(**change):
             r"initial_states must have shape .* = \(2, 8, 3\)",
         ),
         (
-            dict(initial_states=torch.ones(2, 8, 3, dtype=torch.float64)),
+            dict(initial_states=torch.ones(2, 8, 3, dtype=torch.int64)),
             TypeError,
-            "initial_states must have the dtype",
+            "initial_states must have a floating dtype",
         ),
         (dict(activation="relu"), ValueError, "activation must be one of"),
         (dict(x=torch.ones(2, 8, 10, dtype=torch.int32)), TypeError, "x must have a floating dtype"),

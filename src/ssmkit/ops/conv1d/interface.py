@@ -89,7 +89,7 @@ def causal_conv1d_fn(
 
     x: (batch, dim, seqlen)   weight: (dim, width)   bias: (dim,)
     seq_idx: int (batch, seqlen); positions of different sequences in one row never mix
-    initial_states: (batch, dim, width - 1), dtype of x; inputs before position 0
+    initial_states: (batch, dim, width - 1), any float dtype (used in x's); inputs before position 0
     activation: None, "silu" or "swish" (= "silu")
     Returns out: (batch, dim, seqlen) in x's dtype and, if return_final_states, final_states:
     (batch, dim, width - 1), the inputs the next call needs as its initial_states.
@@ -110,7 +110,10 @@ def causal_conv1d_fn(
         checks.shape(
             "initial_states", initial_states, [("batch", batch), ("dim", dim), ("width - 1", width - 1)]
         )
-        checks.same_dtype("x", x, initial_states=initial_states)
+        checks.floating("initial_states", initial_states)
+        # The states hold past inputs: a cache kept in fp32 while autocast hands us bf16 inputs
+        # carries values exactly representable in x's dtype, so casting loses nothing.
+        initial_states = initial_states.to(x.dtype)
     checks.same_device("x", x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
     activation = _check_activation(activation)
 
