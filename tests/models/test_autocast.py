@@ -21,3 +21,9 @@ def test_bf16_autocast_full_and_cached_forward(preset: str) -> None:
     assert torch.isfinite(full.loss) and torch.isfinite(cached.loss)
     torch.testing.assert_close(full.loss, cached.loss, rtol=1e-3, atol=1e-3)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_empty_input_is_a_clear_error() -> None:
+    model = LanguageModel(get_preset("tiny-mamba2"))
+    with pytest.raises(ValueError, match="at least one token"):
+        model(torch.zeros(1, 0, dtype=torch.long))

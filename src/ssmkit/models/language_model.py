@@ -206,6 +206,10 @@ class LanguageModel(nn.Module):
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"input_ids must have an integer dtype (int32, int64), got {input_ids.dtype}")
         batch, seqlen = input_ids.shape
+        if seqlen == 0 or batch == 0:
+            raise ValueError(
+                f"input_ids must hold at least one token per row, got shape {tuple(input_ids.shape)}"
+            )
         seq_idx = None
         if cu_seqlens is not None:
             if cache is not None:
