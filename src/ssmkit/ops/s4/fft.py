@@ -37,14 +37,23 @@ def s4d_kernel_factored(
     if method == "zoh":
         # z^l = exp(l dt A): exact and stable, and never forms dA^l by repeated products.
         log_z = (dt.to(dtype)[:, None] * A.to(dtype)).unsqueeze(-1)
-        low_powers, high_powers = torch.exp(log_z * low), torch.exp(log_z * high)
+        low_powers, high_powers = _exp(log_z * low), _exp(log_z * high)
     else:
         # Bilinear dA may be negative for real A: powers, not logarithms.
         low_powers, high_powers = dA.unsqueeze(-1) ** low, dA.unsqueeze(-1) ** high
     weights = (C.to(dtype) * dB).unsqueeze(-1) * high_powers  # (H, N, L/M)
-    kernel = torch.matmul(weights.transpose(-1, -2), low_powers)  # (H, L/M, M)
+    # contiguous: the complex batched matmul takes a much slower path on a transposed operand
+    kernel = torch.matmul(weights.transpose(-1, -2).contiguous(), low_powers)  # (H, L/M, M)
     kernel = kernel.reshape(channels, outer * inner)[:, :length]
     return 2 * kernel.real if kernel.is_complex() else kernel
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """exp, through the polar form for complex x: CPUs vectorise real exp/cos/sin, not complex exp
+    (about 4x faster here, same values to rounding)."""
+    if x.is_complex():
+        return torch.polar(torch.exp(x.real), x.imag)
+    return torch.exp(x)
 
 
 def fft_conv_torch(u: torch.Tensor, K: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
