@@ -145,4 +145,7 @@ def barrier() -> None:
 
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
+        # Every rank must be done with its collectives before any tears the group down: a rank
+        # destroying gloo's group while a peer still talks to it aborts that peer (SIGABRT).
+        barrier()
         dist.destroy_process_group()
