@@ -196,7 +196,9 @@ def run(
     steps: int | None = None,
     llama: bool = True,
     progress: bool = True,
+    on_case: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
+    """Measure every (model, batch, prompt); ``on_case`` gets all rows so far after each one."""
     from rich.progress import Progress
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -286,6 +288,8 @@ def run(
                         decode_row.extra["vs floor"] = f"{ratio:.2f}x floor ({floor * 1e6:.0f} µs)"
                         if label == list(configs)[0]:
                             decode_row.target, decode_row.met = "<= 2x bandwidth floor", ratio <= 2.0
+                    if on_case is not None:
+                        on_case(rows)
                     bar.advance(task)
             del model, runner
     # Decode throughput ratios against the Transformer (ours, and transformers' Llama).

@@ -195,8 +195,15 @@ def cases(quick: bool = False) -> list[Case]:
     ]
 
 
-def run(case_list: list[Case], rounds: int = 5, progress: bool = True) -> list[Row]:
-    """Time every implementation of every case in alternating rounds; return table rows."""
+def run(
+    case_list: list[Case],
+    rounds: int = 5,
+    progress: bool = True,
+    on_case: Callable[[list[Row]], None] | None = None,
+) -> list[Row]:
+    """Time every implementation of every case in alternating rounds; return table rows.
+
+    on_case: called with all rows so far after each case (to save partial results as they come)."""
     from rich.progress import Progress
 
     rows: list[Row] = []
@@ -219,5 +226,7 @@ def run(case_list: list[Case], rounds: int = 5, progress: bool = True) -> list[R
             rows.extend(
                 Row(case.op, case.size, name, None, note=reason) for name, reason in case.absent.items()
             )
+            if on_case is not None:
+                on_case(rows)
             bar.advance(task)
     return rows

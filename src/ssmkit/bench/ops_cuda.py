@@ -266,19 +266,20 @@ def cases(quick: bool = False) -> list[Case]:
             conv_case(2, 512, 1024),
             norm_case(2048, 1024, 256),
         ]
+    # Most telling sizes first: a run cut short by a time limit keeps the rows that matter most.
     return [
         ssd_case(16, 2048),
-        ssd_case(4, 8192),
-        ssd_case(1, 32768),
         decode_case(1),
-        decode_case(16),
         decode_case(128),
-        decode_case(512),
         scan_case(2, 1536, 2048),
-        scan_case(2, 1536, 8192),
-        scan_case(8, 5120, 2048),
         conv_case(4, 4096, 2048),
         norm_case(16384, 4096, 512),
+        ssd_case(4, 8192),
+        ssd_case(1, 32768),
+        scan_case(8, 5120, 2048),
+        scan_case(2, 1536, 8192),
+        decode_case(16),
+        decode_case(512),
     ]
 
 
@@ -300,7 +301,16 @@ def _modes(impl: Impl) -> dict[str, Callable[[], float]]:
     return modes
 
 
-def run(case_list: list[Case], rounds: int = 5, progress: bool = True) -> list[Row]:
+def run(
+    case_list: list[Case],
+    rounds: int = 5,
+    progress: bool = True,
+    on_case: Callable[[list[Row]], None] | None = None,
+) -> list[Row]:
+    """Time every implementation of every case; ``on_case`` gets all rows so far after each case
+    (a run cut short by a time limit still leaves its finished cases behind)."""
+    import time
+
     from rich.progress import Progress
 
     bandwidth = copy_bandwidth()
@@ -309,6 +319,7 @@ def run(case_list: list[Case], rounds: int = 5, progress: bool = True) -> list[R
         task = bar.add_task("benchmarking", total=len(case_list))
         for case in case_list:
             bar.update(task, description=f"{case.op} {case.size}")
+            case_start = time.perf_counter()
             timers: dict[str, Callable[[], float]] = {}
             failed: dict[str, str] = {}
             for name, impl in case.impls.items():
@@ -343,6 +354,13 @@ def run(case_list: list[Case], rounds: int = 5, progress: bool = True) -> list[R
                 Row(case.op, case.size, name, None, note=why)
                 for name, why in {**case.absent, **failed}.items()
             )
+            print(
+                f"{case.op} {case.size}: {time.perf_counter() - case_start:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            if on_case is not None:
+                on_case(rows)
             bar.advance(task)
     rows.append(
         Row(

@@ -160,10 +160,16 @@ def main(argv: list[str] | None = None) -> int:
                     row["model"] = preset if i == 0 else f"transformer ~{preset}"
                     rows.append(row)
                     logger.warning("%s", row)
+                    if args.json:  # after every row: a run cut short keeps what it measured
+                        _write_atomic(Path(args.json), json.dumps(rows, indent=1))
     print_rows(rows)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
