@@ -35,13 +35,14 @@ def tensor(name: str, value: object, *, optional: bool = False) -> torch.Tensor 
 
 def shape(name: str, value: torch.Tensor, dims: Sequence[Dim]) -> None:
     """Check rank and sizes. ``dims`` is ``[(label, size or None), ...]``; None accepts any size."""
+    got = value.shape
+    if len(got) == len(dims) and all(size is None or g == size for g, (_, size) in zip(got, dims)):
+        return  # the common case stays cheap: decode steps call this per argument per token
+    got = tuple(got)
     labels = ", ".join(label for label, _ in dims)
     expected = tuple("?" if size is None else size for _, size in dims)
-    got = tuple(value.shape)
-    ok = len(got) == len(dims) and all(size is None or g == size for g, (_, size) in zip(got, dims))
-    if not ok:
-        shown = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
-        raise ValueError(f"{name} must have shape ({labels}) = {shown}, got {got}")
+    shown = "(" + ", ".join(str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+    raise ValueError(f"{name} must have shape ({labels}) = {shown}, got {got}")
 
 
 def floating(name: str, value: torch.Tensor, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:

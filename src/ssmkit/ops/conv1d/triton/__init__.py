@@ -22,8 +22,11 @@ __all__ = ["causal_conv1d_fn_triton", "causal_conv1d_update_triton"]
 
 
 def _device_context(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    # Triton launches on the current CUDA device: make it the device of the tensors.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current CUDA device: make it the device of the tensors (switching
+    # only when it differs; entering torch.cuda.device costs host time on every decode step).
+    if t.device.type != "cuda" or t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
 
 
 def _is_silu(activation: str | None) -> bool:
@@ -172,6 +175,17 @@ def _causal_conv1d_update_op(
     silu: bool,
     conv_state_indices: torch.Tensor | None,
 ) -> torch.Tensor:
+    return _launch_update(x, conv_state, weight, bias, silu, conv_state_indices)
+
+
+def _launch_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu: bool,
+    conv_state_indices: torch.Tensor | None,
+) -> torch.Tensor:
     out = torch.empty_like(x, memory_format=torch.preserve_format)
     if x.shape[0] * x.shape[1] > 0:
         with _device_context(x):
@@ -223,4 +237,8 @@ def causal_conv1d_update_triton(
     conv_state_indices: None or int (batch,): row i uses conv_state[conv_state_indices[i]]
     Returns out: (batch, dim, seqlen_step) in x's dtype. No host synchronisation (CUDA-graph safe).
     """
-    return _causal_conv1d_update_op(x, conv_state, weight, bias, _is_silu(activation), conv_state_indices)
+    if torch.compiler.is_compiling():
+        return _causal_conv1d_update_op(x, conv_state, weight, bias, _is_silu(activation), conv_state_indices)
+    # Eager decode: the custom op's dispatch costs more host time than the launch itself (tens of
+    # µs per call); it only matters to torch.compile, which sees the op above.
+    return _launch_update(x, conv_state, weight, bias, _is_silu(activation), conv_state_indices)

@@ -35,11 +35,16 @@ def _selective_state_update_op(
     dt_softplus: bool,
     state_batch_indices: torch.Tensor | None,
 ) -> torch.Tensor:
+    return _launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+
+
+def _launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
-    # Triton launches on the current CUDA device: make it the device of the tensors.
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+    # Triton launches on the current CUDA device: switch to the tensors' device when it differs.
+    other_device = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if other_device else contextlib.nullcontext():
         state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
     return out
 
@@ -72,4 +77,9 @@ def selective_state_update_triton(
 
     dt <- softplus(dt + dt_bias); state <- exp(dt A) state + dt B x; y <- (C . state + D x) silu(z).
     """
-    return _selective_state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    if torch.compiler.is_compiling():
+        return _selective_state_update_op(*args)
+    # Eager decode (the hot path of generation without CUDA graphs): the custom op's dispatch costs
+    # more host time than the launch itself; only torch.compile needs to see the op.
+    return _launch(*args)
