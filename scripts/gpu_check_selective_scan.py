@@ -124,6 +124,10 @@ def sweep() -> None:
         dict(block_d=2, block_l=1024, num_warps=4),
         dict(block_d=4, block_l=256, num_warps=2),
         dict(block_d=16, block_l=128, num_warps=4),
+        dict(block_d=1, block_l=256, num_warps=1),
+        dict(block_d=2, block_l=256, num_warps=2),
+        dict(block_d=1, block_l=512, num_warps=2),
+        dict(block_d=8, block_l=128, num_warps=4),
     ]
     for variant in forward_variants:
         try:
@@ -144,6 +148,9 @@ def sweep() -> None:
         dict(block_d=4, block_l=256, num_warps=4),
         dict(block_d=1, block_l=1024, num_warps=4),
         dict(block_d=2, block_l=256, num_warps=2),
+        dict(block_d=1, block_l=256, num_warps=2),
+        dict(block_d=1, block_l=256, num_warps=1),
+        dict(block_d=4, block_l=128, num_warps=2),
     ]
     for variant in backward_variants:
         try:
@@ -233,18 +240,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--skip-parity", action="store_true")
+    parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     add_peer_path(args.peers)
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__}")
-    if not args.skip_parity:
-        check_parity()
-    if args.sweep:
-        sweep()
-    bench(args.rounds)
-    if args.json:
-        Path(args.json).write_text(json.dumps(ROWS, indent=1))
+    steps = [check_parity] if not args.skip_parity else []
+    steps += [sweep] if args.sweep else []
+    steps += [lambda: bench(args.rounds)] if not args.skip_bench else []
+    for step in steps:
+        step()
+        if args.json:  # after every step: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(ROWS, indent=1))
 
 
 if __name__ == "__main__":

@@ -151,6 +151,84 @@ def breakdown() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=48))
 
 
+def fwd_breakdown() -> None:
+    """Per-kernel CUDA time of the forward alone, ours and mamba_ssm's, at (16, 2048): which stage
+    makes the difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = inputs(16, 2048)
+    candidates = {"ssmkit": ours()}
+    try:
+        peer = mamba_chunk_scan_combined()
+        candidates["mamba_ssm"] = lambda x, dt, A, B, C, chunk, D, z, dt_bias, *rest: peer(
+            x, dt, A, B, C, chunk, D=D, z=z, dt_bias=dt_bias, dt_softplus=True
+        )
+    except PeerAbsent as exc:
+        print(f"peer absent: {exc}")
+    for name, fn in candidates.items():
+        with torch.no_grad():
+            for _ in range(3):
+                call(fn, t, 256)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    call(fn, t, 256)
+                torch.cuda.synchronize()
+        print(f"== {name}: per-kernel CUDA time of 5 forwards, (16, 2048) ==")
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=48)
+        print(table)
+        ROWS.append(dict(check="fwd_breakdown", impl=name, table=table))
+
+
+# Tile variants per forward stage (fields of ssmkit.ops.ssd.triton.config.Tiles); the first of
+# each list is the current default on Hopper.
+SWEEP = {
+    "chunk_scan": [
+        {},
+        dict(block_m=128),
+        dict(block_m=128, num_warps=8),
+        dict(block_k=32),
+        dict(block_k=32, num_stages=4),
+        dict(num_stages=2),
+        dict(num_warps=8),
+        dict(block_m=128, block_k=32, num_warps=8, num_stages=3),
+    ],
+    "chunk_state": [
+        {},
+        dict(block_state=128),
+        dict(block_k=32, num_stages=4),
+        dict(num_warps=8),
+        dict(block_state=128, num_warps=8),
+        dict(num_stages=2),
+    ],
+    "bmm": [{}, dict(block_m=128, num_warps=8), dict(block_k=32), dict(num_stages=2)],
+}
+
+
+def sweep(rounds: int) -> None:
+    """Forward time (CUDA graph, median of ``rounds``) at (16, 2048) for tile variants of each
+    forward stage, one stage at a time, the others at their defaults."""
+    from ssmkit.ops.ssd.triton import config
+
+    t = inputs(16, 2048)
+    fn = ours()
+    for stage, variants in SWEEP.items():
+        for variant in variants:
+            try:
+                with config.forced(stage, **variant), torch.no_grad():
+                    start = time.perf_counter()
+                    call(fn, t, 256)
+                    torch.cuda.synchronize()
+                    first = time.perf_counter() - start
+                    runs = sorted(time_once_cuda_graph(lambda: call(fn, t, 256)) for _ in range(rounds))
+                ms = runs[len(runs) // 2] * 1e3
+                print(f"sweep {stage} {variant or 'default'}: fwd {ms:.3f} ms (first call {first:.1f} s)")
+                ROWS.append(dict(check="sweep", stage=stage, variant=variant, fwd_ms=ms, first_s=first))
+            except Exception as exc:  # a variant that does not compile is a result too
+                print(f"sweep {stage} {variant}: FAILED {type(exc).__name__}: {str(exc)[:200]}")
+                ROWS.append(dict(check="sweep", stage=stage, variant=variant, error=str(exc)[:400]))
+
+
 def parity() -> None:
     """Ours against the PyTorch path (fp32 compute) on the same inputs: outputs and gradients."""
     from ssmkit.ops.ssd.chunked import ssd_chunked
@@ -261,7 +339,9 @@ def main() -> None:
     parser.add_argument("--peers", default=str(ROOT / "peers" / "site"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["first", "parity", "timings", "breakdown"])
+    choices = ["first", "parity", "timings", "breakdown", "fwd_breakdown", "sweep"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=choices)
+    parser.add_argument("--only", nargs="*", default=None, choices=choices, help="run just these steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -275,17 +355,19 @@ def main() -> None:
         ("parity", parity),
         ("timings", lambda: timings(args.rounds)),
         ("breakdown", breakdown),
+        ("fwd_breakdown", fwd_breakdown),
+        ("sweep", lambda: sweep(args.rounds)),
     )
     for name, step in steps:
-        if name in args.skip:
+        if name in args.skip or (args.only is not None and name not in args.only):
             continue
         try:
             step()
         except Exception:  # report and go on: one failing check must not hide the others
             traceback.print_exc()
             ROWS.append(dict(check=name, error=traceback.format_exc()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(ROWS, indent=1, default=str))
+        if args.json:  # after every step: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(ROWS, indent=1, default=str))
 
 
 if __name__ == "__main__":

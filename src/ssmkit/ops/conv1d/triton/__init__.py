@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from ssmkit.ops.common.eager import EagerAutograd, op_or_impl
 from ssmkit.ops.conv1d.triton.conv_bwd import causal_conv1d_bwd
 from ssmkit.ops.conv1d.triton.conv_fwd import causal_conv1d_fwd
 from ssmkit.ops.conv1d.triton.conv_update import causal_conv1d_update
@@ -35,13 +36,7 @@ def _is_silu(activation: str | None) -> bool:
     return activation is not None
 
 
-@torch.library.custom_op(
-    "ssmkit::causal_conv1d_fwd",
-    mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, Tensor? initial_states, bool silu) "
-    "-> (Tensor, Tensor)",
-)
-def _causal_conv1d_fwd_op(
+def _conv_fwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -63,6 +58,14 @@ def _causal_conv1d_fwd_op(
     return out, final_states
 
 
+_causal_conv1d_fwd_op = torch.library.custom_op(
+    "ssmkit::causal_conv1d_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, Tensor? initial_states, bool silu) "
+    "-> (Tensor, Tensor)",
+)(_conv_fwd_impl)
+
+
 @_causal_conv1d_fwd_op.register_fake
 def _(x, weight, bias, seq_idx, initial_states, silu):
     batch, dim, _ = x.shape
@@ -72,13 +75,7 @@ def _(x, weight, bias, seq_idx, initial_states, silu):
     )
 
 
-@torch.library.custom_op(
-    "ssmkit::causal_conv1d_bwd",
-    mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, Tensor? initial_states, Tensor dout, "
-    "Tensor? dfinal_states, bool silu) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _causal_conv1d_bwd_op(
+def _conv_bwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -124,6 +121,14 @@ def _causal_conv1d_bwd_op(
     return dx, dweight.to(weight.dtype), dbias, dinit
 
 
+_causal_conv1d_bwd_op = torch.library.custom_op(
+    "ssmkit::causal_conv1d_bwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? seq_idx, Tensor? initial_states, Tensor dout, "
+    "Tensor? dfinal_states, bool silu) -> (Tensor, Tensor, Tensor, Tensor)",
+)(_conv_bwd_impl)
+
+
 @_causal_conv1d_bwd_op.register_fake
 def _(x, weight, bias, seq_idx, initial_states, dout, dfinal_states, silu):
     empty = torch.empty((0,), dtype=x.dtype, device=x.device)
@@ -145,7 +150,7 @@ def _backward(ctx, grad_out, grad_final_states):
     x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    dx, dweight, dbias, dinit = _causal_conv1d_bwd_op(
+    dx, dweight, dbias, dinit = op_or_impl(_causal_conv1d_bwd_op, _conv_bwd_impl)(
         x, weight, bias, seq_idx, initial_states, grad_out, grad_final_states, ctx.silu
     )
     return (
@@ -159,6 +164,7 @@ def _backward(ctx, grad_out, grad_final_states):
 
 
 torch.library.register_autograd("ssmkit::causal_conv1d_fwd", _backward, setup_context=_setup_context)
+_conv = EagerAutograd(_conv_fwd_impl, _setup_context, _backward)
 
 
 @torch.library.custom_op(
@@ -218,7 +224,9 @@ def causal_conv1d_fn_triton(
     sequence than the last); else None. Gradients flow to x, weight, bias and initial_states.
     Computes in fp32 (fp64 for fp64 inputs). Arguments are validated by the interface.
     """
-    out, final_states = _causal_conv1d_fwd_op(x, weight, bias, seq_idx, initial_states, _is_silu(activation))
+    out, final_states = _conv(
+        _causal_conv1d_fwd_op, x, weight, bias, seq_idx, initial_states, _is_silu(activation)
+    )
     return out, final_states if return_final_states else None
 
 
@@ -237,8 +245,7 @@ def causal_conv1d_update_triton(
     conv_state_indices: None or int (batch,): row i uses conv_state[conv_state_indices[i]]
     Returns out: (batch, dim, seqlen_step) in x's dtype. No host synchronisation (CUDA-graph safe).
     """
-    if torch.compiler.is_compiling():
-        return _causal_conv1d_update_op(x, conv_state, weight, bias, _is_silu(activation), conv_state_indices)
     # Eager decode: the custom op's dispatch costs more host time than the launch itself (tens of
-    # µs per call); it only matters to torch.compile, which sees the op above.
-    return _launch_update(x, conv_state, weight, bias, _is_silu(activation), conv_state_indices)
+    # µs per call); only torch.compile needs to see the op.
+    update = op_or_impl(_causal_conv1d_update_op, _launch_update)
+    return update(x, conv_state, weight, bias, _is_silu(activation), conv_state_indices)

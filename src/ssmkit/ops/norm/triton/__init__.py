@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from ssmkit.ops.common.eager import EagerAutograd, op_or_impl
 from ssmkit.ops.norm.triton.norm_bwd import rms_norm_gated_bwd
 from ssmkit.ops.norm.triton.norm_fwd import MAX_GROUP_SIZE, rms_norm_gated_fwd
 
@@ -28,13 +29,7 @@ def _rstd_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     )
 
 
-@torch.library.custom_op(
-    "ssmkit::rms_norm_gated_fwd",
-    mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? z, float eps, int group_size, bool norm_before_gate) "
-    "-> (Tensor, Tensor)",
-)
-def _rms_norm_gated_fwd_op(
+def _norm_fwd_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     z: torch.Tensor | None,
@@ -54,6 +49,14 @@ def _rms_norm_gated_fwd_op(
     return out, rstd
 
 
+_rms_norm_gated_fwd_op = torch.library.custom_op(
+    "ssmkit::rms_norm_gated_fwd",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? z, float eps, int group_size, bool norm_before_gate) "
+    "-> (Tensor, Tensor)",
+)(_norm_fwd_impl)
+
+
 @_rms_norm_gated_fwd_op.register_fake
 def _(x, weight, z, eps, group_size, norm_before_gate):
     dim = x.shape[-1]
@@ -64,13 +67,7 @@ def _(x, weight, z, eps, group_size, norm_before_gate):
     )
 
 
-@torch.library.custom_op(
-    "ssmkit::rms_norm_gated_bwd",
-    mutates_args=(),
-    schema="(Tensor dy, Tensor x, Tensor weight, Tensor? z, Tensor rstd, int group_size, "
-    "bool norm_before_gate) -> (Tensor, Tensor, Tensor)",
-)
-def _rms_norm_gated_bwd_op(
+def _norm_bwd_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -106,6 +103,14 @@ def _rms_norm_gated_bwd_op(
     return dx, dz, dweight.to(weight.dtype)
 
 
+_rms_norm_gated_bwd_op = torch.library.custom_op(
+    "ssmkit::rms_norm_gated_bwd",
+    mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor weight, Tensor? z, Tensor rstd, int group_size, "
+    "bool norm_before_gate) -> (Tensor, Tensor, Tensor)",
+)(_norm_bwd_impl)
+
+
 @_rms_norm_gated_bwd_op.register_fake
 def _(dy, x, weight, z, rstd, group_size, norm_before_gate):
     dz = torch.empty(
@@ -125,13 +130,15 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, grad_rstd):
     # rstd is an auxiliary output for the backward only; callers never differentiate through it.
     x, weight, z, rstd = ctx.saved_tensors
-    dx, dz, dweight = _rms_norm_gated_bwd_op(
+    dx, dz, dweight = op_or_impl(_rms_norm_gated_bwd_op, _norm_bwd_impl)(
         grad_out, x, weight, z, rstd, ctx.group_size, ctx.norm_before_gate
     )
     return dx, dweight, dz if z is not None else None, None, None, None
 
 
 torch.library.register_autograd("ssmkit::rms_norm_gated_fwd", _backward, setup_context=_setup_context)
+# rstd (output 1) only carries a saved value to the backward.
+_norm = EagerAutograd(_norm_fwd_impl, _setup_context, _backward, non_differentiable=(1,))
 
 
 def rms_norm_gated_triton(
@@ -154,5 +161,5 @@ def rms_norm_gated_triton(
             f"group_size must be at most {MAX_GROUP_SIZE} for the Triton kernels (a group is normalised "
             f"in one tile), got {group_size}; use backend='torch'"
         )
-    out, _ = _rms_norm_gated_fwd_op(x, weight, z, eps, group_size, norm_before_gate)
+    out, _ = _norm(_rms_norm_gated_fwd_op, x, weight, z, eps, group_size, norm_before_gate)
     return out

@@ -15,6 +15,7 @@ from typing import Optional  # noqa: UP035
 
 import torch
 
+from ssmkit.ops.common.eager import EagerAutograd, op_or_impl
 from ssmkit.ops.selective_scan.triton.config import ScanConfig, choose_config
 from ssmkit.ops.selective_scan.triton.scan_bwd import selective_scan_bwd
 from ssmkit.ops.selective_scan.triton.scan_fwd import selective_scan_fwd
@@ -65,8 +66,7 @@ def _forward_configs(u: Tensor, B: Tensor, save_states: bool) -> ScanConfig:
     return choose_config(dim, dstate, ngroups, seqlen, u.device, "forward", block_l=backward.block_l)
 
 
-@torch.library.custom_op("ssmkit::selective_scan_fwd", mutates_args=())
-def _selective_scan_fwd_op(
+def _scan_forward(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -122,6 +122,10 @@ def _selective_scan_fwd_op(
     return out, last_state, chunk_states, y_pregate
 
 
+# Registered from the plain function, which eager callers use directly (ssmkit.ops.common.eager).
+_selective_scan_fwd_op = torch.library.custom_op("ssmkit::selective_scan_fwd", mutates_args=())(_scan_forward)
+
+
 @_selective_scan_fwd_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, save_states):
     batch, dim, seqlen = u.shape
@@ -141,8 +145,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_soft
     return out, last_state, chunk_states, y_pregate
 
 
-@torch.library.custom_op("ssmkit::selective_scan_bwd", mutates_args=())
-def _selective_scan_bwd_op(
+def _scan_backward(
     dout: Tensor,
     dlast_state: Optional[Tensor],  # noqa: UP045
     u: Tensor,
@@ -195,6 +198,11 @@ def _selective_scan_bwd_op(
         ddelta_bias.to(delta_bias.dtype) if delta_bias is not None else ddelta_bias,
         dinitial,
     )
+
+
+_selective_scan_bwd_op = torch.library.custom_op("ssmkit::selective_scan_bwd", mutates_args=())(
+    _scan_backward
+)
 
 
 @_selective_scan_bwd_op.register_fake
@@ -251,7 +259,9 @@ def _backward(ctx, dout, dlast_state, _dchunk_states, _dy_pregate):
             "ssmkit::selective_scan_fwd ran with save_states=False, so its block states needed by "
             "the backward were not kept; call it with save_states=True when gradients are wanted"
         )
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial = _selective_scan_bwd_op(
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial = op_or_impl(
+        _selective_scan_bwd_op, _scan_backward
+    )(
         dout,
         dlast_state,
         u,
@@ -285,6 +295,8 @@ def _backward(ctx, dout, dlast_state, _dchunk_states, _dy_pregate):
 
 
 _selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+# chunk_states and y_pregate (outputs 2 and 3) only carry saved values to the backward.
+_scan = EagerAutograd(_scan_forward, _setup_context, _backward, non_differentiable=(2, 3))
 
 
 def selective_scan_triton(
@@ -319,7 +331,19 @@ def selective_scan_triton(
     # The block states cost dim * dstate floats per time block; keep them only when a backward
     # can follow.
     save_states = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, last_state, _, _ = _selective_scan_fwd_op(
-        u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, delta_softplus, save_states
+    out, last_state, _, _ = _scan(
+        _selective_scan_fwd_op,
+        u,
+        delta,
+        A,
+        B,
+        C,
+        D,
+        z,
+        delta_bias,
+        initial_state,
+        cu_seqlens,
+        delta_softplus,
+        save_states,
     )
     return out, (last_state if return_last_state else None)

@@ -9,13 +9,13 @@ sm80 choice); ``forced`` overrides them for benchmarks (scripts/gpu_check_select
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from ssmkit.ops.common.overrides import ConfigOverrides
 
 
 @dataclass(frozen=True)
@@ -30,25 +30,10 @@ class ScanConfig:
     product_form: bool = False
 
 
-# Field overrides per stage, set through ``forced`` (benchmarks and tests compare configurations).
-_overrides: dict[str, dict] = {}
-
-
-@contextlib.contextmanager
-def forced(stage: str, **fields: object) -> Iterator[None]:
-    """Override fields of the configuration of ``stage`` ("forward"/"backward") inside the block.
-
-    A forced block_d must still divide dim // ngroups when ngroups > 1 (not checked: benchmark use).
-    """
-    previous = _overrides.get(stage)
-    _overrides[stage] = {**(previous or {}), **fields}
-    try:
-        yield
-    finally:
-        if previous is None:
-            _overrides.pop(stage, None)
-        else:
-            _overrides[stage] = previous
+# Overrides for benchmarks: ``with forced("forward", block_d=8): ...`` (a forced block_d must still
+# divide dim // ngroups when ngroups > 1; not checked, benchmark use).
+OVERRIDES = ConfigOverrides(("forward", "backward"))
+forced = OVERRIDES.forced
 
 
 def next_power_of_2(value: int) -> int:
@@ -117,7 +102,7 @@ def choose_config(
         num_warps=num_warps,
         product_form=generation == "interpreter",
     )
-    overrides = dict(_overrides.get(stage, {}))
+    overrides = OVERRIDES.fields(stage)
     if forced_block_l is not None:
         overrides.pop("block_l", None)  # the backward's block boundaries win
     return dataclasses.replace(config, **overrides)

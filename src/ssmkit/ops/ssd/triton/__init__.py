@@ -17,6 +17,7 @@ import math
 import torch
 
 from ssmkit.ops.common import compute_dtype
+from ssmkit.ops.common.eager import EagerAutograd, op_or_impl
 from ssmkit.ops.ssd.triton.combined import ssd_backward, ssd_forward
 from ssmkit.ops.ssd.triton.varlen import num_chunks
 
@@ -27,8 +28,7 @@ def _num_seqs(cu_seqlens: torch.Tensor | None) -> int | None:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else None
 
 
-@torch.library.custom_op("ssmkit::ssd_fwd", mutates_args=())
-def _ssd_fwd(
+def _ssd_fwd_impl(
     x: torch.Tensor,
     dt: torch.Tensor,
     A: torch.Tensor,
@@ -68,6 +68,10 @@ def _ssd_fwd(
     return out, final, varlen, states, dt_out, cs
 
 
+# Registered from the plain function, which eager callers use directly (ssmkit.ops.common.eager).
+_ssd_fwd = torch.library.custom_op("ssmkit::ssd_fwd", mutates_args=())(_ssd_fwd_impl)
+
+
 @_ssd_fwd.register_fake
 def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *options):
     # The shapes follow from x, B, chunk_size and cu_seqlens alone; options: dt_softplus, dt_min, dt_max.
@@ -86,8 +90,7 @@ def _ssd_fwd_fake(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq
     )
 
 
-@torch.library.custom_op("ssmkit::ssd_bwd", mutates_args=())
-def _ssd_bwd(
+def _ssd_bwd_impl(
     dout: torch.Tensor,
     dfinal: torch.Tensor | None,
     dvarlen: torch.Tensor | None,
@@ -138,6 +141,9 @@ def _ssd_bwd(
     return [g if g is not None else x.new_empty(0, dtype=torch.float32) for g in grads]
 
 
+_ssd_bwd = torch.library.custom_op("ssmkit::ssd_bwd", mutates_args=())(_ssd_bwd_impl)
+
+
 @_ssd_bwd.register_fake
 def _ssd_bwd_fake(dout, dfinal, dvarlen, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, *rest):
     # Every gradient is shaped like its input; rest: seq_idx, cu_seqlens, options, saved tensors.
@@ -174,7 +180,7 @@ def _backward(ctx, dout, dfinal, dvarlen, _dstates, _ddt_out, _dcs):
     # The last three outputs only carry saved values to the backward; they have no gradient.
     x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, states, dt_out, cs = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max = ctx.options
-    grads = torch.ops.ssmkit.ssd_bwd(
+    grads = op_or_impl(_ssd_bwd, _ssd_bwd_impl)(
         dout,
         dfinal,
         dvarlen if ctx.varlen else None,
@@ -205,6 +211,8 @@ def _backward(ctx, dout, dfinal, dvarlen, _dstates, _ddt_out, _dcs):
 
 
 _ssd_fwd.register_autograd(_backward, setup_context=_setup_context)
+# states, dt_out and cs (outputs 3-5) only carry saved values to the backward.
+_ssd = EagerAutograd(_ssd_fwd_impl, _setup_context, _backward, non_differentiable=(3, 4, 5))
 
 
 def ssd_triton(
@@ -249,7 +257,8 @@ def ssd_triton(
     ]
     if cu_seqlens is not None:
         seq_idx = None  # the packed layout already keeps every chunk inside one sequence
-    out, final, varlen, _, _, _ = torch.ops.ssmkit.ssd_fwd(
+    out, final, varlen, _, _, _ = _ssd(
+        _ssd_fwd,
         x,
         dt,
         A,

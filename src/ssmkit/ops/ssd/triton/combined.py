@@ -23,7 +23,7 @@ from ssmkit.ops.ssd.triton.chunk_scan import chunk_scan
 from ssmkit.ops.ssd.triton.chunk_scan_bwd import chunk_scan_bwd_dx
 from ssmkit.ops.ssd.triton.chunk_state import chunk_state
 from ssmkit.ops.ssd.triton.chunk_state_bwd import chunk_state_bwd_db_dc
-from ssmkit.ops.ssd.triton.config import tiles_for
+from ssmkit.ops.ssd.triton.config import STAGES, tiles_for
 from ssmkit.ops.ssd.triton.cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
 from ssmkit.ops.ssd.triton.state_passing import state_passing_bwd, state_passing_fwd
 from ssmkit.ops.ssd.triton.varlen import chunk_table
@@ -51,22 +51,22 @@ def ssd_forward(
     nheads, headdim, dstate) fp32, processed dt and cumsum (batch, nheads, nchunks, chunk_size) fp32)."""
     seqlen = x.shape[1]
     table = chunk_table(seqlen, chunk_size, cu_seqlens, x.device)
-    tiles = tiles_for(x.device, chunk_size)
+    tiles = {stage: tiles_for(x.device, chunk_size, stage) for stage in ("chunk_state", "bmm", "chunk_scan")}
     num_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else 0
     if initial_states is not None:
         initial_states = initial_states.contiguous()
     dt_out, cs = chunk_cumsum_fwd(dt, A, dt_bias, table, chunk_size, dt_softplus, dt_limit)
-    states = chunk_state(x, B, dt_out, cs, seq_idx, table, chunk_size, tiles, forward=True)
+    states = chunk_state(x, B, dt_out, cs, seq_idx, table, chunk_size, tiles["chunk_state"], forward=True)
     states, final, varlen = state_passing_fwd(
         states, cs, initial_states, seq_idx, table, chunk_size, num_seqs
     )
-    cb = bmm_chunk(C, B, table, chunk_size, tiles)
+    cb = bmm_chunk(C, B, table, chunk_size, tiles["bmm"])
     if varlen is not None:
         # An empty packed sequence takes no step: its state is the one it started from.
         start = initial_states.float() if initial_states is not None else torch.zeros_like(varlen)
         varlen = torch.where(table.empty[:, None, None, None], start, varlen)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    chunk_scan(cb, x, dt_out, cs, C, states, D, z, seq_idx, table, chunk_size, tiles, out)
+    chunk_scan(cb, x, dt_out, cs, C, states, D, z, seq_idx, table, chunk_size, tiles["chunk_scan"], out)
     return out, final, varlen, states, dt_out, cs
 
 
@@ -98,11 +98,11 @@ def ssd_backward(
     ddt_bias or None, dinitial_states or None), each shaped like its input."""
     batch, seqlen, nheads, headdim = x.shape
     table = chunk_table(seqlen, chunk_size, cu_seqlens, x.device)
-    tiles = tiles_for(x.device, chunk_size)
+    tiles = {stage: tiles_for(x.device, chunk_size, stage) for stage in STAGES}
 
     # 1. Recompute what the forward did not keep: CB, and the output before the gate when the
     # gate's gradient needs it.
-    cb = bmm_chunk(C, B, table, chunk_size, tiles)
+    cb = bmm_chunk(C, B, table, chunk_size, tiles["bmm"])
 
     # 2. The gate and the skip connection are elementwise. dy is kept in the input dtype for half
     # precision inputs (the kernels feed it to tl.dot in that dtype anyway; fp32 would double the
@@ -111,7 +111,9 @@ def ssd_backward(
     dz = None
     if z is not None:
         y_pre = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        chunk_scan(cb, x, dt_out, cs, C, states, D, None, seq_idx, table, chunk_size, tiles, y_pre)
+        chunk_scan(
+            cb, x, dt_out, cs, C, states, D, None, seq_idx, table, chunk_size, tiles["chunk_scan"], y_pre
+        )
         dout_f = dout.float()
         z_f = z.float()
         sig = torch.sigmoid(z_f)
@@ -129,7 +131,7 @@ def ssd_backward(
     del dy_f
 
     # 3-4. Gradients of the chunk states, walked backwards through the state passing.
-    dstates = chunk_state(dy, C, dt_out, cs, seq_idx, table, chunk_size, tiles, forward=False)
+    dstates = chunk_state(dy, C, dt_out, cs, seq_idx, table, chunk_size, tiles["chunk_state"], forward=False)
     init_shape = tuple(initial_states.shape) if initial_states is not None else None
     dstates, dinit, dlast = state_passing_bwd(
         dstates, states, cs, seq_idx, table, chunk_size, dfinal, dvarlen, init_shape
@@ -139,14 +141,14 @@ def ssd_backward(
 
     # 5. dx and the dt gradient of the x-path.
     dx, ddt_chunk, ddt_state = chunk_scan_bwd_dx(
-        cb, x, dy, dt_out, cs, B, dstates, D, seq_idx, table, chunk_size, tiles
+        cb, x, dy, dt_out, cs, B, dstates, D, seq_idx, table, chunk_size, tiles["chunk_scan_bwd"]
     )
 
     # 6-7. dB and dC, summed over the heads that share a group, and d(cs) of the chunk outputs.
-    dcb, dcs_quadratic = bmm_chunk_bwd(x, dy, dt_out, cs, cb, seq_idx, table, chunk_size, tiles)
+    dcb, dcs_quadratic = bmm_chunk_bwd(x, dy, dt_out, cs, cb, seq_idx, table, chunk_size, tiles["bmm_bwd"])
     del cb
     dB, dC, dcs_states = chunk_state_bwd_db_dc(
-        x, dy, dt_out, cs, B, C, states, dstates, dcb, seq_idx, table, chunk_size, tiles
+        x, dy, dt_out, cs, B, C, states, dstates, dcb, seq_idx, table, chunk_size, tiles["chunk_state_bwd"]
     )
 
     # 8. Through the cumulative sum and the dt processing.

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ssmkit.ops.common.overrides import ConfigOverrides
+
 
 def next_pow2(value: int, minimum: int = 16) -> int:
     """Smallest power of two >= ``value`` and >= ``minimum`` (tl.dot needs each dim >= 16)."""
@@ -32,6 +34,15 @@ class Tiles:
     num_stages: int
 
 
+# The stages that take tiles: the forward's chunk_state (also the backward's d(state) pass), bmm
+# (C.B^T), chunk_scan (also the backward's output recomputation), and the backward-only stages.
+STAGES = ("chunk_state", "bmm", "chunk_scan", "chunk_scan_bwd", "bmm_bwd", "chunk_state_bwd")
+
+# Overrides for benchmark sweeps: ``with OVERRIDES.forced("chunk_scan", block_m=128): ...``
+OVERRIDES = ConfigOverrides(STAGES)
+forced = OVERRIDES.forced
+
+
 @functools.cache
 def _gpu_tiles(capability: tuple[int, int]) -> Tiles:
     if capability[0] >= 9:  # Hopper: more shared memory, deeper pipelines pay off
@@ -39,13 +50,16 @@ def _gpu_tiles(capability: tuple[int, int]) -> Tiles:
     return Tiles(block_m=64, block_k=32, block_state=64, num_warps=4, num_stages=2)
 
 
-def tiles_for(device: torch.device, chunk_size: int) -> Tiles:
-    """Tiles for ``device``; on the CPU interpreter one block spans the whole (padded) chunk."""
+def tiles_for(device: torch.device, chunk_size: int, stage: str | None = None) -> Tiles:
+    """Tiles for ``stage`` on ``device``; on the CPU interpreter one block spans the whole (padded)
+    chunk. Overrides set with :func:`forced` for ``stage`` apply on top."""
     if device.type != "cuda":
         whole = next_pow2(chunk_size)
-        return Tiles(block_m=whole, block_k=whole, block_state=64, num_warps=1, num_stages=1)
-    tiles = _gpu_tiles(torch.cuda.get_device_capability(device))
-    # A tile larger than the chunk only adds masked work.
-    block_m = min(tiles.block_m, next_pow2(chunk_size))
-    block_k = min(tiles.block_k, next_pow2(chunk_size))
-    return Tiles(block_m, block_k, tiles.block_state, tiles.num_warps, tiles.num_stages)
+        tiles = Tiles(block_m=whole, block_k=whole, block_state=64, num_warps=1, num_stages=1)
+    else:
+        tiles = _gpu_tiles(torch.cuda.get_device_capability(device))
+        # A tile larger than the chunk only adds masked work.
+        block_m = min(tiles.block_m, next_pow2(chunk_size))
+        block_k = min(tiles.block_k, next_pow2(chunk_size))
+        tiles = Tiles(block_m, block_k, tiles.block_state, tiles.num_warps, tiles.num_stages)
+    return OVERRIDES.apply(stage, tiles) if stage is not None else tiles

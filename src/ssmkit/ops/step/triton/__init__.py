@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from ssmkit.ops.common.eager import op_or_impl
 from ssmkit.ops.step.triton.state_update import state_update
 
 __all__ = ["selective_state_update_triton"]
@@ -77,9 +78,7 @@ def selective_state_update_triton(
 
     dt <- softplus(dt + dt_bias); state <- exp(dt A) state + dt B x; y <- (C . state + D x) silu(z).
     """
-    args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
-    if torch.compiler.is_compiling():
-        return _selective_state_update_op(*args)
     # Eager decode (the hot path of generation without CUDA graphs): the custom op's dispatch costs
     # more host time than the launch itself; only torch.compile needs to see the op.
-    return _launch(*args)
+    step = op_or_impl(_selective_state_update_op, _launch)
+    return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
