@@ -213,6 +213,19 @@ def test_associative_scan_path_on_interpreter(ngroups, device):
     check_all(kernel, expected, torch.float64)
 
 
+@pytest.mark.parametrize("block_l", [8, 16])
+def test_one_channel_per_program_on_interpreter(block_l, device):
+    # The Hopper tables run one channel per program (block_d = 1) with long time blocks; this runs
+    # that tiling (the GPU's associative scans, several time blocks, a ragged last one) small.
+    from ssmkit.ops.selective_scan.triton.config import forced
+
+    inputs = make_inputs(2, 3, 3, 2 * block_l + 5, 1, torch.float64, device)
+    tiling = dict(block_d=1, block_l=block_l, num_warps=1, product_form=False)
+    with forced("forward", **tiling), forced("backward", **tiling):
+        kernel, expected = run_both(inputs)
+    check_all(kernel, expected, torch.float64)
+
+
 def test_strided_inputs(device):
     dtype = torch.float32
     batch, dim, dstate, seqlen = sizes((2, 6, 5, 35), (2, 64, 16, 257))

@@ -156,6 +156,17 @@ def test_forward_backward_dtypes(dtype, device):
     _compare(t, _size(16, 64), dtype, grad_scale=1.0 if dtype == torch.float64 else 2.0)
 
 
+def test_chunk_scan_k_tiles_smaller_than_the_chunk(device):
+    # Hopper runs chunk_scan with 32-position K tiles inside 256-position chunks; on the interpreter
+    # one tile normally spans the chunk. This forces several M and K tiles per chunk (and a ragged
+    # last chunk) through the forward and the backward's recomputation.
+    from ssmkit.ops.ssd.triton.config import forced
+
+    t = _inputs(2, _size(70, 333), 3, 24, 1, 13, torch.float32, device, init_rows=2)
+    with forced("chunk_scan", block_m=16, block_k=16):
+        _compare(t, 32 if not ON_GPU else 128, torch.float32)
+
+
 def test_seq_idx_resets(device):
     seqlen = _size(40, 300)
     cuts = [0, 10, 17, seqlen] if not ON_GPU else [0, 70, 71, 190, seqlen]

@@ -54,7 +54,12 @@ def _generation(device_index: int) -> str:
 # registers and the backward at (2, 256, 4 warps) 146, without spills; twice the elements per
 # thread pushes both past 220 registers (two programs per SM instead of three).
 _TABLES = {
-    "sm90": {"forward": (256, 1024, 8), "backward": (256, 512, 4)},
+    # sm90 from a sweep on an H100 (2026-11-23, scripts/gpu_check_selective_scan.py --sweep,
+    # b=2 d=1536 n=16 l=2048 bf16, CUDA-graph medians): forward (1 channel x 512 steps, 2 warps)
+    # 219 µs against 272 µs for (4 x 256, 4 warps); forward+backward with the backward at
+    # (1 x 1024, 4 warps) 1038 µs against 1633 µs for (2 x 256, 4 warps). One program per channel
+    # gives 3072 programs at that size instead of 768, which hides the scan's latency better.
+    "sm90": {"forward": (512, 512, 8), "backward": (1024, 1024, 8)},
     "sm80": {"forward": (256, 1024, 8), "backward": (256, 512, 4)},
     # The CPU interpreter pays per tile operation, not per element: few wide programs. Its
     # segment-decay form of the scans is O(block_l^2), hence short blocks (see scan_common).

@@ -7,6 +7,7 @@ costs only numpy work, so the interpreter gets blocks that cover a whole chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -43,10 +44,18 @@ OVERRIDES = ConfigOverrides(STAGES)
 forced = OVERRIDES.forced
 
 
+# Per-stage departures from a generation's base tiles, each measured: on an H100 (2026-11-23,
+# scripts/gpu_check_ssd.py --only sweep, (b, l) = (16, 2048), h=32, p=64, n=128, chunk 256, bf16)
+# chunk_scan with block_k=32 took the whole forward from 1.093 to 0.804 ms; no variant of
+# chunk_state or bmm moved it by more than 1% (docs/benchmarks.md lists every variant).
+_STAGE_TILES = {"sm90": {"chunk_scan": {"block_k": 32}}}
+
+
 @functools.cache
-def _gpu_tiles(capability: tuple[int, int]) -> Tiles:
+def _gpu_tiles(capability: tuple[int, int], stage: str | None) -> Tiles:
     if capability[0] >= 9:  # Hopper: more shared memory, deeper pipelines pay off
-        return Tiles(block_m=64, block_k=64, block_state=64, num_warps=4, num_stages=3)
+        base = Tiles(block_m=64, block_k=64, block_state=64, num_warps=4, num_stages=3)
+        return dataclasses.replace(base, **_STAGE_TILES["sm90"].get(stage, {}))
     return Tiles(block_m=64, block_k=32, block_state=64, num_warps=4, num_stages=2)
 
 
@@ -57,7 +66,7 @@ def tiles_for(device: torch.device, chunk_size: int, stage: str | None = None) -
         whole = next_pow2(chunk_size)
         tiles = Tiles(block_m=whole, block_k=whole, block_state=64, num_warps=1, num_stages=1)
     else:
-        tiles = _gpu_tiles(torch.cuda.get_device_capability(device))
+        tiles = _gpu_tiles(torch.cuda.get_device_capability(device), stage)
         # A tile larger than the chunk only adds masked work.
         block_m = min(tiles.block_m, next_pow2(chunk_size))
         block_k = min(tiles.block_k, next_pow2(chunk_size))
