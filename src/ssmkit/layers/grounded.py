@@ -23,7 +23,9 @@ only form here. A "normalise at chunk boundaries" variant would be a different m
 would run unnormalised inside a chunk), and with a full transition matrix its linear part is not
 cheap to chunk either (products of different ``I + dt_t A`` matrices), so none is offered. On a
 GPU the efficient exact form is a fused kernel that keeps ``h`` in registers and loops over time
-inside the kernel (as Mamba-1's scan kernel does); it is not written yet.
+inside the kernel (as Mamba-1's scan kernel does): :mod:`ssmkit.ops.stable_scan` has one ("euler",
+forward and backward), verified so far only under Triton's CPU interpreter and therefore opt-in
+(``SSMKIT_BACKEND=triton`` or ``with ssmkit.ops.backend("triton")``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ssmkit.layers.mamba1 import compute_precision
 from ssmkit.layers.state import check_decode
 from ssmkit.layers.tracing import record
 from ssmkit.ops.common import seq_idx_from_cu_seqlens
+from ssmkit.ops.stable_scan import stable_scan
 from ssmkit.ops.wkv import wkv, wkv_step
 
 DISCRETIZATIONS = ("euler", "zoh")
@@ -104,43 +107,15 @@ def stable_state_scan(
     ``y_t = C_t . h_t``, with ``A_d = I + dt A`` ("euler") or ``exp(dt A)`` ("zoh"; the input term
     keeps Mamba's ``dt B`` simplification). All inputs must share one (compute) dtype.
     Returns y: (batch, seqlen, d_inner) and the final state (batch, d_inner, d_state).
+
+    Runs :func:`ssmkit.ops.stable_scan.stable_scan` with the backend in force: the fused Triton
+    kernels ("euler", fp32/fp64) for CUDA tensors, else the step-by-step PyTorch loop
+    (:func:`ssmkit.ops.stable_scan.reference.stable_scan_reference`).
     """
-    batch, seqlen, d_inner = x.shape
-    d_state = A.shape[0]
-    h = x.new_zeros(batch, d_inner, d_state) if initial_state is None else initial_state
-    # Split the per-step inputs once with unbind: indexing [:, t] inside the loop would make
-    # autograd build a full-size zero gradient per step in backward (quadratic in seqlen).
-    dt_steps = dt[..., None].unbind(1)  # seqlen x (batch, d_inner, 1)
-    dtx_steps = (dt * x)[..., None].unbind(1)
-    B_steps = B[:, :, None, :].unbind(1)  # seqlen x (batch, 1, d_state)
-    C_steps = C[..., None].unbind(1)  # seqlen x (batch, d_state, 1)
-    keep_steps = None
-    if seq_idx is not None and seqlen > 1:
-        keep_steps = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(x.dtype)[:, :, None, None].unbind(1)
-    A_t = A.transpose(0, 1)
-    ys = []
-    for t in range(seqlen):
-        if keep_steps is not None and t > 0:
-            h = h * keep_steps[t - 1]
-        if discretization == "euler":
-            # (I + dt A) h = h + dt (A h): no matrix per step, one small GEMM over all channels
-            # (as one 2-D GEMM: the batched form is ~10x slower at these sizes on CPUs).
-            z = torch.addcmul(h, dt_steps[t], (h.reshape(-1, d_state) @ A_t).view_as(h))
-        else:
-            transition = torch.linalg.matrix_exp(dt_steps[t][..., None] * A)  # (batch, d_inner, n, n)
-            z = (transition @ h[..., None])[..., 0]
-        z = torch.addcmul(z, dtx_steps[t], B_steps[t])
-        h = _layer_norm(z, norm_weight, norm_bias, eps)
-        ys.append(h @ C_steps[t])  # (batch, d_inner, 1)
-    return torch.cat(ys, dim=-1).transpose(1, 2), h
-
-
-def _layer_norm(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dim, written out: on CPUs ``F.layer_norm`` splits even a few dozen
-    rows across threads, and that costs milliseconds per step when the cores are shared.
-    z: (..., d_state) -> (..., d_state)."""
-    var, mean = torch.var_mean(z, dim=-1, keepdim=True, correction=0)
-    return torch.addcmul(bias, (z - mean) * torch.rsqrt(var + eps), weight)
+    return stable_scan(
+        x, dt, A, B, C, norm_weight, norm_bias, eps=eps, discretization=discretization,
+        initial_state=initial_state, seq_idx=seq_idx,
+    )  # fmt: skip
 
 
 class StableStateSSM(nn.Module):
