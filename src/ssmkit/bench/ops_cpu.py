@@ -4,7 +4,8 @@ the peers' PyTorch paths, per operator and size, timed in alternating rounds (me
 Targets (ratios within one run, fp32): SSD at least 2x faster than mamba_ssm's chunked PyTorch SSD
 (``ssd_minimal_discrete``, what Hugging Face's CPU path computes); the Mamba-1 fast scan at least
 10x faster than the sequential scan; S4's FFT form at least 10x faster than its recurrence at
-l=8192.
+l=8192. ``selective_scan_train`` times the scan's forward and backward at a training size (no
+target; it is what a CPU training step of a small Mamba-1 spends most of its time in).
 """
 
 from __future__ import annotations
@@ -104,6 +105,41 @@ def _scan_case(batch: int, seqlen: int, with_reference: bool, dim=1536, dstate=1
     return Case("selective_scan", size, batch * seqlen, impls, "ssmkit torch", targets, absent)
 
 
+def _scan_train_case(batch: int, seqlen: int, dim=256, dstate=16) -> Case:
+    """Forward and backward of the Mamba-1 scan at a training size (the default is the CPU task
+    size: d_model 128, so d_inner 256, batch 32), gradients of every input as a layer needs them."""
+
+    def leaf(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return (torch.randn(*shape) * scale + shift).requires_grad_()
+
+    u, delta, z = leaf(batch, dim, seqlen), leaf(batch, dim, seqlen, scale=0.5), leaf(batch, dim, seqlen)
+    A = (-torch.arange(1, dstate + 1, dtype=torch.float32).repeat(dim, 1)).requires_grad_()
+    B, C = leaf(batch, dstate, seqlen), leaf(batch, dstate, seqlen)
+    D, delta_bias = leaf(dim, shift=1.0), leaf(dim, scale=0.1, shift=-3.0)
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    grad_out = torch.randn(batch, dim, seqlen)
+
+    def step(forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        def run() -> object:
+            with torch.inference_mode(False), torch.enable_grad():  # run() times under inference mode
+                return torch.autograd.grad(forward(), inputs, grad_out)
+
+        return run
+
+    def ours(backend: str) -> Callable[[], object]:
+        return step(lambda: ops.selective_scan_fn(*inputs, True, backend=backend))
+
+    impls = {"ssmkit torch": ours("torch"), "ssmkit reference (sequential)": ours("reference")}
+    absent = {}
+    try:
+        scan_ref = peers.mamba_selective_scan_ref()
+        impls["mamba_ssm selective_scan_ref (sequential)"] = step(lambda: scan_ref(*inputs, True))
+    except peers.PeerAbsent as exc:
+        absent["mamba_ssm selective_scan_ref (sequential)"] = f"peer absent ({exc})"
+    size = f"fwd+bwd b={batch} l={seqlen} d={dim} n={dstate}"
+    return Case("selective_scan_train", size, batch * seqlen, impls, "ssmkit torch", {}, absent)
+
+
 def _s4_case(batch: int, seqlen: int, channels=256, dstate=64) -> Case:
     from ssmkit.ops import s4
 
@@ -172,6 +208,7 @@ def cases(quick: bool = False) -> list[Case]:
         return [
             _ssd_case(1, 256, True, nheads=4, dstate=16, chunk_size=64),
             _scan_case(1, 256, True, dim=64),
+            _scan_train_case(2, 32, dim=32),
             _s4_case(1, 1024, channels=16, dstate=16),
             _step_case(2, nheads=4, dstate=16),
             _conv_case(1, 256, dim=64),
@@ -186,6 +223,7 @@ def cases(quick: bool = False) -> list[Case]:
         _scan_case(1, 2048, True),
         _scan_case(2, 2048, False),
         _scan_case(1, 8192, False),
+        _scan_train_case(32, 64),
         _s4_case(1, 2048),
         _s4_case(1, 8192),
         _step_case(1),
