@@ -323,6 +323,7 @@ def test_chunked_channel_blocks(grad, packed, monkeypatch, device):
     )
     # 3 channels x 4 states x 45 positions per block: channel blocks of 3, 2 | 3, 2 in each group.
     monkeypatch.setattr(chunked, "_BLOCK_ELEMENTS", 3 * 4 * 45)
+    monkeypatch.setattr(chunked, "_FORWARD_ONLY_BLOCK_FACTOR", 1)
     tested = leaves(inputs)
     with torch.set_grad_enabled(grad):
         got = chunked.selective_scan_chunked(
@@ -336,6 +337,74 @@ def test_chunked_channel_blocks(grad, packed, monkeypatch, device):
         expected_grads = torch.autograd.grad(expected, [truth[n] for n in names], cotangents)
         for name, grad_value, expected_grad in zip(names, grads, expected_grads):
             assert_close(grad_value, expected_grad, torch.float64, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 8, 32, 200])
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_gradients_any_chunk_size(chunk_size, packed, device):
+    """The hand-written backward at every tree shape: one chunk (200), chunks that do not divide
+    the length, and many chunks (1, 3: the level above recurses), against autograd through the
+    fp64 reference, with odd sizes, restarts and initial and last states."""
+    seqlen = 151
+    bounds = [0, 1, 40, 40, 100, 151] if packed else None
+    batch, num_seqs = (1, len(bounds) - 1) if packed else (2, None)
+    inputs = make_inputs(batch, 37, 13, seqlen, 1, torch.float64, device, num_states=num_seqs)
+    cu_seqlens = torch.tensor(bounds, device=device) if packed else None
+    truth, tested = leaves(inputs, fp64=True), leaves(inputs)
+    expected = selective_scan_reference(
+        *[truth[n] for n in NAMES[:-1]], True, True, truth["initial_state"], cu_seqlens
+    )
+    got = chunked.selective_scan_chunked(
+        *[tested[n] for n in NAMES[:-1]],
+        True,
+        True,
+        tested["initial_state"],
+        cu_seqlens,
+        chunk_size=chunk_size,
+    )
+    assert_close(got[0], expected[0], torch.float64, name="out")
+    assert_close(got[1], expected[1], torch.float64, name="last_state")
+    cotangents = (torch.randn_like(expected[0]), torch.randn_like(expected[1]))
+    grads = torch.autograd.grad(got, [tested[n] for n in NAMES], cotangents)
+    expected_grads = torch.autograd.grad(expected, [truth[n] for n in NAMES], cotangents)
+    for name, grad, expected_grad in zip(NAMES, grads, expected_grads):
+        assert_close(grad, expected_grad, torch.float64, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("which", ["out", "last_state"])
+def test_chunked_gradients_of_one_output(which, device):
+    """A loss on out alone, or on the last state alone (the other output gets no cotangent)."""
+    inputs = make_inputs(2, 6, 5, 45, 2, torch.float32, device)
+    truth, tested = leaves(inputs, fp64=True), leaves(inputs)
+    index = 0 if which == "out" else 1
+    expected = run(truth, "reference", softplus=True)[index]
+    got = run(tested, "torch", softplus=True)[index]
+    # C, D and z do not reach the last state.
+    names = NAMES if which == "out" else [n for n in NAMES if n not in ("C", "D", "z")]
+    cotangent = torch.randn_like(expected)
+    grads = torch.autograd.grad(got, [tested[n] for n in names], cotangent.to(got.dtype))
+    expected_grads = torch.autograd.grad(expected, [truth[n] for n in names], cotangent)
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert_close(grad, expected_grad, torch.float32, scale=2.0, name=f"grad {name}")
+
+
+def test_chunked_backward_keeps_no_full_size_activations(device):
+    """Autograd keeps the inputs and the chunk-entering states, not the (batch, dim, dstate,
+    seqlen) states: what it saves stays a fraction of one copy of them."""
+    batch, dim, dstate, seqlen = 2, 16, 64, 256
+    inputs = leaves(make_inputs(batch, dim, dstate, seqlen, None, torch.float32, device))
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = run(inputs, "torch", softplus=True)
+    out.sum().backward()
+    assert inputs["A"].grad is not None
+    states = batch * dim * dstate * seqlen
+    assert sum(saved) < states // 2, (sum(saved), states)
 
 
 def test_empty_sequence_returns_initial_state(device):

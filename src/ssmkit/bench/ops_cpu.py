@@ -224,6 +224,7 @@ def cases(quick: bool = False) -> list[Case]:
         _scan_case(2, 2048, False),
         _scan_case(1, 8192, False),
         _scan_train_case(32, 64),
+        _scan_train_case(8, 64, dstate=32),  # the README's CPU task: d_inner 256, d_state 32, batch 8
         _s4_case(1, 2048),
         _s4_case(1, 8192),
         _step_case(1),

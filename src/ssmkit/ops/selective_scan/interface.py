@@ -8,8 +8,8 @@ Backends share one canonical signature and return pair, so they are interchangea
 with B and C already in the grouped form (batch, ngroups, dstate, seqlen) and every argument
 checked. ``"reference"`` is :func:`~ssmkit.ops.selective_scan.reference.selective_scan_reference`
 (one step per position), ``"torch"`` is
-:func:`~ssmkit.ops.selective_scan.chunked.selective_scan_chunked` (chunked, the CPU fast path),
-both differentiated by autograd; ``"triton"`` is ``selective_scan_triton`` from
+:func:`~ssmkit.ops.selective_scan.chunked.selective_scan_chunked` (chunked, the CPU fast path,
+with its own backward); ``"triton"`` is ``selective_scan_triton`` from
 ``ssmkit.ops.selective_scan.triton``, imported only when that backend runs, with its own backward.
 """
 
