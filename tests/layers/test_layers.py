@@ -12,7 +12,7 @@ from ssmkit import ops
 from ssmkit.layers import Attention, Block, GatedMLP, Mamba1Mixer, Mamba2Mixer, MixtureOfExperts
 from ssmkit.layers.s4 import S4DLayer
 from ssmkit.layers.tracing import record, tracing
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backend_params
 
 # Odd sizes: d_inner 72 = 3 heads of 24; d_state 13; groups 1 and 3.
 MIXERS = {
@@ -222,3 +222,49 @@ def test_tracing_records_stages_only_inside_the_block():
         "extra",
     } <= set(stages)
     assert stages["layers.4.B"].shape == (1, 9, 5)
+
+
+def _unfused_block(block: Block, hidden: torch.Tensor) -> torch.Tensor:
+    """The block as separate ops: hidden + m * mixer(norm(hidden)), then the MLP the same way."""
+    dtype = block.norm.weight.dtype
+    up = lambda t: t.float() if block.residual_in_fp32 and t.dtype != torch.float64 else t
+    normed = ops.rms_norm(hidden.to(dtype), block.norm.weight, eps=block.norm.eps)
+    hidden = up(hidden) + block.mixer(normed) * block.residual_multiplier
+    if block.mlp is not None:
+        normed = ops.rms_norm(hidden.to(dtype), block.norm2.weight, eps=block.norm2.eps)
+        hidden = up(hidden) + block.mlp(normed) * block.residual_multiplier
+    return hidden
+
+
+@pytest.mark.parametrize("backend", backend_params("ssmkit.ops.norm"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "with_mlp, residual_in_fp32, multiplier", [(True, True, 0.5), (False, True, 1.0), (True, False, 0.246)]
+)
+def test_block_fused_norms_match_unfused_ops(backend, dtype, with_mlp, residual_in_fp32, multiplier, device):
+    """Block.forward (add + norm fused) and a chain of Block.forward_prenorm calls (the decode
+    loop's form) give what the separate ops give, in the residual dtype the block promises."""
+    torch.manual_seed(0)
+    make = lambda: Block(
+        37,
+        Mamba2Mixer(37, d_state=5, headdim=37, chunk_size=8),
+        mlp=GatedMLP(37, 20) if with_mlp else None,
+        residual_in_fp32=residual_in_fp32,
+        residual_multiplier=multiplier,
+    )
+    blocks = [make(), make()]
+    for block in blocks:
+        _perturb(block)
+        block.to(device=device, dtype=dtype)
+    x = torch.randn(2, 9, 37, device=device).to(dtype)
+    with torch.no_grad(), ops.backend(backend):
+        expected = _unfused_block(blocks[1], _unfused_block(blocks[0], x))
+        got = blocks[1](blocks[0](x))
+        branch, residual = None, x
+        for block in blocks:
+            branch, residual = block.forward_prenorm(branch, residual)
+        chained = blocks[1].add(residual, branch)
+    residual_dtype = torch.float32 if residual_in_fp32 and dtype != torch.float64 else dtype
+    assert got.dtype == chained.dtype == expected.dtype == residual_dtype
+    assert_close(got, expected, dtype, scale=fp64_scale(device, 1.0), name="forward")
+    assert_close(chained, expected, dtype, scale=fp64_scale(device, 1.0), name="forward_prenorm")

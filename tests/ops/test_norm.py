@@ -1,4 +1,5 @@
-"""(Gated) RMSNorm: fast paths vs the fp64 reference (forward and gradients), grouping, gate order."""
+"""(Gated) RMSNorm: fast paths vs the fp64 reference (forward and gradients), grouping, gate order;
+the pre-norm residual step ``add_rms_norm`` against its formula."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from ssmkit.ops import rms_norm, rms_norm_gated
+from ssmkit.ops.norm import add_rms_norm
 from tests.helpers import assert_close, backend_params
 
 BACKENDS = backend_params("ssmkit.ops.norm")
@@ -126,3 +128,98 @@ def test_bad_input(change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         rms_norm_gated(**args)
+
+
+# (leading shape, dim, x dtype, residual dtype or None, weight dtype, multiplier, residual_dtype)
+ADD_CASES = [
+    ((2, 5), 37, torch.float32, torch.float32, torch.float32, 1.0, None),
+    ((3,), 37, torch.bfloat16, torch.float32, torch.bfloat16, 1.0, torch.float32),  # residual_in_fp32
+    ((1, 1), 48, torch.bfloat16, torch.bfloat16, torch.bfloat16, 0.246, None),  # Granite's multiplier
+    ((4,), 24, torch.bfloat16, None, torch.bfloat16, 1.0, torch.float32),  # the first block: a cast
+    ((2, 3), 45, torch.float32, None, torch.float32, 1.0, None),  # nothing to add: x is the residual
+    ((2,), 37, torch.float64, torch.float64, torch.float64, 0.5, None),
+    ((2,), 37, torch.float32, torch.float32, torch.bfloat16, 2.0, torch.float32),  # norm in bf16
+]
+
+
+def _add_rms_norm_formula(x, residual, weight, eps, multiplier, residual_dtype):
+    """fp64 formula with the roundings of the unfused ops: the sum in residual_dtype, the norm's
+    input in weight's dtype."""
+    total = multiplier * x.double() + (0 if residual is None else residual.double())
+    total = total.to(residual_dtype).double()
+    values = total.to(weight.dtype).double()
+    out = values / torch.sqrt(values.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+    return out, total
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("lead, dim, x_dtype, r_dtype, w_dtype, multiplier, residual_dtype", ADD_CASES)
+def test_add_rms_norm_formula(
+    backend, lead, dim, x_dtype, r_dtype, w_dtype, multiplier, residual_dtype, device
+):
+    x = torch.randn(*lead, dim, device=device).to(x_dtype)
+    residual = None if r_dtype is None else (3 * torch.randn(*lead, dim, device=device)).to(r_dtype)
+    weight = (1 + 0.3 * torch.randn(dim, device=device)).to(w_dtype)
+    with torch.no_grad():  # the inference path (one fused kernel on the Triton backend)
+        out, residual_out = add_rms_norm(
+            x, residual, weight, 1e-5, multiplier=multiplier, residual_dtype=residual_dtype, backend=backend
+        )
+    expected_dtype = residual_dtype or (x_dtype if r_dtype is None else torch.promote_types(r_dtype, x_dtype))
+    expected_out, expected_residual = _add_rms_norm_formula(
+        x, residual, weight, 1e-5, multiplier, expected_dtype
+    )
+    assert out.dtype == w_dtype and residual_out.dtype == expected_dtype
+    assert out.shape == residual_out.shape == x.shape
+    # The formula rounds where the ops round: what is left is the norm's reduction order, and
+    # roundings of values that land on either side of a tie in the lower of the two precisions.
+    assert_close(out, expected_out, max((x_dtype, w_dtype), key=lambda d: torch.finfo(d).eps), name="out")
+    assert_close(residual_out, expected_residual, expected_dtype, name="residual")
+    if r_dtype is None and multiplier == 1.0 and expected_dtype == x_dtype:
+        assert residual_out is x  # nothing to add or convert: no copy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm_gradients(backend, dtype, device):
+    """With autograd recording, every backend runs the unfused differentiable ops."""
+    x = torch.randn(3, 37, device=device).to(dtype).requires_grad_()
+    residual = torch.randn(3, 37, device=device, dtype=torch.float64).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(37, device=device)).to(dtype).requires_grad_()
+    residual_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = (x, residual, weight)
+    out, residual_out = add_rms_norm(
+        x,
+        residual.to(residual_dtype),
+        weight,
+        1e-5,
+        multiplier=0.5,
+        residual_dtype=residual_dtype,
+        backend=backend,
+    )
+    truth = [t.detach().double().requires_grad_() for t in leaves]
+    expected_out, expected_residual = add_rms_norm(*truth, 1e-5, multiplier=0.5, backend="reference")
+    grads_out = (_rounded(torch.randn_like(expected_out), dtype), torch.randn_like(expected_residual))
+    grads = torch.autograd.grad(
+        (out, residual_out), leaves, (grads_out[0].to(dtype), grads_out[1].to(residual_dtype))
+    )
+    expected_grads = torch.autograd.grad((expected_out, expected_residual), truth, grads_out)
+    for name, grad, expected_grad in zip(("x", "residual", "weight"), grads, expected_grads):
+        assert_close(grad, expected_grad, dtype, scale=2.0, name=f"grad {name}")
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(weight=torch.ones(36)), ValueError, r"weight must have shape \(dim\) = \(37,\), got \(36,\)"),
+        (dict(residual=torch.ones(2, 36)), ValueError, r"residual must have the shape of x \(2, 37\)"),
+        (dict(residual_dtype=torch.int32), ValueError, "residual_dtype must be a floating torch.dtype"),
+        (dict(multiplier="2"), ValueError, "multiplier must be a number"),
+        (dict(eps=-1.0), ValueError, "eps must be a non-negative number"),
+        (dict(x=torch.ones(2, 37, dtype=torch.int64)), TypeError, "x must have a floating dtype"),
+    ],
+)
+def test_add_rms_norm_bad_input(change, error, message):
+    args = dict(x=torch.ones(2, 37), residual=torch.ones(2, 37), weight=torch.ones(37), eps=1e-6)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        add_rms_norm(**args)

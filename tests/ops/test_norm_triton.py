@@ -130,3 +130,70 @@ def test_compile_fullgraph(device):
     expected_grads = torch.autograd.grad(expected, truth, grad_out)
     for name, grad, expected_grad in zip(("x", "weight", "z"), grads, expected_grads):
         assert_close(grad, expected_grad, torch.bfloat16, scale=2.0, name=f"grad {name}")
+
+
+# ------------------------------------------------------------------ fused residual add + RMSNorm
+def _add_norm():
+    from ssmkit.ops.norm.triton import add_rms_norm_triton
+
+    return add_rms_norm_triton
+
+
+@pytest.mark.parametrize(
+    "rows, dim, x_dtype, residual_dtype, multiplier",
+    [
+        (1, 37, torch.bfloat16, torch.float32, 1.0),  # batch-1 decode, residual kept in fp32
+        (5, 768, torch.bfloat16, torch.bfloat16, 0.246),
+        (700, 24, torch.float32, torch.float32, 1.0),  # several row blocks
+        (3, 40, torch.float16, torch.float32, 3.0),
+        (2, 37, torch.float64, torch.float64, 1.0),
+    ],
+)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first_block"])
+def test_add_rms_norm_matches_unfused_ops(
+    rows, dim, x_dtype, residual_dtype, multiplier, with_residual, device
+):
+    """The kernel against the unfused ops it replaces (``add_rms_norm_ref``, same inputs), on
+    strided inputs."""
+    from ssmkit.ops.norm.reference import add_rms_norm_ref
+
+    x = torch.randn(dim, rows, device=device).to(x_dtype).t()  # a transposed view
+    residual = (
+        (2 * torch.randn(rows, 2 * dim, device=device)).to(residual_dtype)[:, ::2] if with_residual else None
+    )
+    weight = (1 + 0.3 * torch.randn(dim, device=device)).to(x_dtype)
+    out, residual_out = _add_norm()(x, residual, weight, 1e-5, multiplier, residual_dtype)
+    expected_out, expected_residual = add_rms_norm_ref(x, residual, weight, 1e-5, multiplier, residual_dtype)
+    assert out.dtype == x_dtype and residual_out.dtype == residual_dtype
+    assert_close(out, expected_out, x_dtype, name="out")
+    assert_close(residual_out, expected_residual, residual_dtype if x_dtype != torch.bfloat16 else x_dtype,
+                 name="residual")  # fmt: skip
+
+
+def test_add_rms_norm_interface_fuses_only_without_autograd(monkeypatch, device):
+    """No gradient: one fused kernel. Gradients: the differentiable unfused ops."""
+    from ssmkit.ops.norm import add_rms_norm
+    from ssmkit.ops.norm import triton as norm_triton
+
+    calls = []
+    fused = norm_triton.add_rms_norm_triton
+    monkeypatch.setattr(norm_triton, "add_rms_norm_triton", lambda *a: calls.append(1) or fused(*a))
+    x = torch.randn(2, 37, device=device, requires_grad=True)
+    residual = torch.randn(2, 37, device=device)
+    weight = torch.randn(37, device=device)
+    with torch.no_grad():
+        add_rms_norm(x, residual, weight, backend="triton")
+    assert calls == [1]
+    out, _ = add_rms_norm(x, residual, weight, backend="triton")
+    out.sum().backward()
+    assert calls == [1] and x.grad is not None
+
+
+def test_add_rms_norm_opcheck(device):
+    _add_norm()  # registers the op
+    x = torch.randn(3, 24, device=device, dtype=torch.bfloat16)
+    residual = torch.randn(3, 24, device=device)
+    weight = torch.randn(24, device=device, dtype=torch.bfloat16)
+    op = torch.ops.ssmkit.add_rms_norm.default
+    torch.library.opcheck(op, (x, residual, weight, 1e-5, 0.5, torch.float32))
+    torch.library.opcheck(op, (x, None, weight, 1e-5, 1.0, None))

@@ -430,3 +430,53 @@ def test_softplus_and_bias_applied_once():
     )
     step = F.softplus(torch.tensor(0.2, dtype=torch.float64))
     assert torch.allclose(y, step.reshape(1, 1)) and torch.allclose(state, step.reshape(1, 1, 1))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["mamba2", "mamba2_heads", "mamba2_views", "mamba1", "pool"])
+def test_A_is_log_equals_explicit_A(backend, dtype, case, device):
+    """A_is_log=True with A_log == the step with A = -exp(A_log) passed in: outputs, the state and
+    the gradient reaching A_log (what a Mamba layer's decode step passes: its A_log parameter)."""
+    args, _ = _inputs(case, on_interpreter(backend), device)
+    if case == "mamba2_views":
+        args = _as_views(args)
+    A_log = torch.log(-args.pop("A"))
+    if case == "mamba2_views":
+        A_leaf = A_log[:, :1, :1].contiguous().to(dtype).requires_grad_()
+        A_arg = lambda leaf: leaf.expand(*A_log.shape)
+    else:
+        A_leaf = A_log.to(dtype).requires_grad_()
+        A_arg = lambda leaf: leaf
+    inputs = {name: t.to(dtype) for name, t in args.items()}
+    indices = torch.tensor([3, 0], device=device) if case == "pool" else None
+    A64 = A_leaf.detach().double().requires_grad_()
+
+    state = inputs.pop("state").clone()
+    y = selective_state_update(
+        state, **inputs, A=A_arg(A_leaf), dt_softplus=True, state_batch_indices=indices,
+        backend=backend, A_is_log=True,
+    )  # fmt: skip
+    expected_state = args["state"].to(dtype).double().clone()
+    expected_y = selective_state_update(
+        expected_state, **{k: v.double() for k, v in inputs.items()}, A=-torch.exp(A_arg(A64)),
+        dt_softplus=True, state_batch_indices=indices, backend="reference",
+    )  # fmt: skip
+    assert y.dtype == dtype
+    assert_close(y, expected_y, dtype, name="y")
+    assert_close(state, expected_state, dtype, name="state")
+    # Read as A itself, A_log would give other numbers: the test sees whether the flag is applied.
+    assert (-A_log.exp() - A_log).abs().max() > 0.1
+    with torch.no_grad():  # the inference path: the kernel updates the state in place
+        state_inference = args["state"].to(dtype).clone()
+        y_inference = selective_state_update(
+            state_inference, **inputs, A=A_arg(A_leaf), dt_softplus=True, state_batch_indices=indices,
+            backend=backend, A_is_log=True,
+        )  # fmt: skip
+    assert_close(y_inference, expected_y, dtype, name="y (no grad)")
+    assert_close(state_inference, expected_state, dtype, name="state (no grad)")
+
+    grad_y = _rounded(torch.randn_like(expected_y), dtype)
+    (grad,) = torch.autograd.grad(y, A_leaf, grad_y.to(dtype))
+    (expected_grad,) = torch.autograd.grad(expected_y, A64, grad_y)
+    assert_close(grad, expected_grad, dtype, scale=2.0, name="grad A_log")

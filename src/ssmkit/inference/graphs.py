@@ -1,14 +1,15 @@
 """Decode steps on a cache the runner owns: eager, or replayed from a CUDA graph captured once per
 batch-size bucket.
 
-A decode step of a small model is a few hundred small kernels; at batch 1 launching them from
-Python costs more than running them. A CUDA graph records the launches once and replays them with
-one call. That needs every tensor the step touches to stay where it was at capture time: the
-cache is preallocated (SSM states and a :class:`~ssmkit.layers.attention.StaticKVState` per
-attention layer, never reallocated), the input tokens and output logits live in static buffers,
-and nothing in the step reads device values on the host. Batches are rounded up to a bucket
-(1, 2, 4, 8, 16, ...): one graph serves every batch size up to its bucket, the extra rows decode
-garbage that nobody reads.
+A decode step of a small model is a few hundred small kernels (the runner's step,
+:func:`ssmkit.inference.decode.decode_step`, fuses each block's residual add with the next norm); at
+batch 1 launching them from Python costs more than running them. A CUDA graph records the launches
+once and replays them with one call. That needs every tensor the step touches to stay where it was
+at capture time: the cache is preallocated (SSM states and a
+:class:`~ssmkit.layers.attention.StaticKVState` per attention layer, never reallocated), the input
+tokens and output logits live in static buffers, and nothing in the step reads device values on the
+host. Batches are rounded up to a bucket (1, 2, 4, 8, 16, ...): one graph serves every batch size up
+to its bucket, the extra rows decode garbage that nobody reads.
 
 When capture fails (no CUDA device, a layer that synchronises with the host such as the routed
 mixture of experts, too little memory), the runner logs why and runs the same step eagerly.
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ssmkit.inference.decode import decode_step
 from ssmkit.layers.attention import StaticKVState
 from ssmkit.models.cache import InferenceCache
 
@@ -155,7 +157,7 @@ class DecodeRunner:
     # ---------------------------------------------------------------- internals
     def _run_static(self, entry: _Entry) -> None:
         """The decode step on the static buffers: what is captured, and what runs when not graphed."""
-        out = self.model(entry.tokens[:, None], cache=entry.cache).logits[:, -1]
+        out = decode_step(self.model, entry.tokens[:, None], entry.cache)
         if entry.logits is None:
             entry.logits = torch.empty_like(out)
         entry.logits.copy_(out)

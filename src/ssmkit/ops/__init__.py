@@ -6,7 +6,7 @@ Public functions (signatures follow ``mamba_ssm`` / ``causal_conv1d``):
 - :func:`mamba_chunk_scan_combined` — Mamba-2 SSD chunked scan.
 - :func:`selective_state_update` — one decode step (Mamba-1 and Mamba-2 state layouts).
 - :func:`causal_conv1d_fn`, :func:`causal_conv1d_update` — causal depthwise conv1d.
-- :func:`rms_norm_gated`, :func:`rms_norm` — (gated) RMSNorm.
+- :func:`rms_norm_gated`, :func:`rms_norm` — (gated) RMSNorm; :func:`add_rms_norm` — residual add + RMSNorm.
 - :mod:`ssmkit.ops.s4` — S4D discretization, recurrent, convolution and FFT forms.
 - :func:`backend` — context manager choosing the implementation for a block of code.
 
@@ -28,9 +28,11 @@ _LAZY = {
     "causal_conv1d_update": "ssmkit.ops.conv1d.interface",
     "rms_norm_gated": "ssmkit.ops.norm.interface",
     "rms_norm": "ssmkit.ops.norm.interface",
+    "add_rms_norm": "ssmkit.ops.norm.interface",
 }
 
 __all__ = [
+    "add_rms_norm",
     "backend",
     "causal_conv1d_fn",
     "causal_conv1d_update",
@@ -46,7 +48,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover - for static analysis only
     from ssmkit.ops import s4
     from ssmkit.ops.conv1d.interface import causal_conv1d_fn, causal_conv1d_update
-    from ssmkit.ops.norm.interface import rms_norm, rms_norm_gated
+    from ssmkit.ops.norm.interface import add_rms_norm, rms_norm, rms_norm_gated
     from ssmkit.ops.selective_scan.interface import selective_scan_fn
     from ssmkit.ops.ssd.interface import mamba_chunk_scan_combined
     from ssmkit.ops.step.interface import selective_state_update

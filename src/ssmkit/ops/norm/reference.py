@@ -5,6 +5,8 @@ x, z: (..., dim)   weight: (dim,)   dim = ngroups * group_size
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -47,3 +49,27 @@ def rms_norm_gated_ref(
     if gate is not None and norm_before_gate:
         out = out * gate
     return out.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    multiplier: float,
+    residual_dtype: torch.dtype,
+    norm: Callable[..., torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm residual step as separate ops, the way an unfused block writes it.
+
+    x: (..., dim) a branch output   residual: (..., dim) or None   weight: (dim,)
+    residual_out = residual + multiplier * x (multiplier * x without a residual) in residual_dtype;
+    out = rmsnorm(residual_out.to(weight.dtype)) * weight, in weight's dtype.
+    norm(x, weight, z, eps, group_size, norm_before_gate): the RMSNorm to use (default: this file's).
+    """
+    norm = norm or rms_norm_gated_ref
+    scaled = x if multiplier == 1.0 else x * multiplier
+    residual_out = scaled if residual is None else residual.to(residual_dtype) + scaled
+    residual_out = residual_out.to(residual_dtype)
+    out = norm(residual_out.to(weight.dtype), weight, None, eps, weight.shape[0], True)
+    return out, residual_out

@@ -23,11 +23,13 @@ def selective_state_update_batched(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step, out of place.
 
     state: (batch, nheads, headdim, dstate)   x, dt, z: (batch, nheads, headdim)
     A: (nheads, headdim, dstate)   B, C: (batch, ngroups, dstate)   D, dt_bias: (nheads, headdim)
+    A_is_log: A holds A_log and the step uses A = -exp(A_log).
     Returns y: (batch, nheads, headdim) in x's dtype and the new state (shape and dtype of state).
     """
     nheads = x.shape[1]
@@ -43,7 +45,8 @@ def selective_state_update_batched(
     C_heads = (
         C.to(dtype).repeat_interleave(heads_per_group, dim=1).unsqueeze(-1)
     )  # (batch, nheads, dstate, 1)
-    decay = torch.exp(step.unsqueeze(-1) * A.to(dtype))  # (batch, nheads, headdim, dstate)
+    A_c = -torch.exp(A.to(dtype)) if A_is_log else A.to(dtype)
+    decay = torch.exp(step.unsqueeze(-1) * A_c)  # (batch, nheads, headdim, dstate)
     new_state = decay * state.to(dtype) + (step * x_c).unsqueeze(-1) * B_heads
     y = torch.matmul(new_state, C_heads).squeeze(-1)
     if D is not None:

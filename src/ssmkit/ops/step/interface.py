@@ -21,8 +21,8 @@ views (which is also how ``mamba_ssm``'s Mamba2 module passes them). pool = b wi
 
 Backends, all on the canonical form: ``"reference"`` (``reference.py``), ``"torch"``
 (``batched.py``), ``"triton"``: ``ssmkit.ops.step.triton.selective_state_update_triton(state, x,
-dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> y``, which updates ``state`` in
-place. When gradients are needed, every backend runs out of place on the gathered state rows and
+dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, A_is_log) -> y``, which updates ``state``
+in place. When gradients are needed, every backend runs out of place on the gathered state rows and
 the result is written back with a differentiable copy, so a token-by-token loop can be
 backpropagated (the Triton kernel's gradient comes from recomputing through ``batched.py``).
 """
@@ -66,21 +66,23 @@ class _TritonStep(torch.autograd.Function):
     """Differentiable step on gathered state rows; the kernel updates a copy of them."""
 
     @staticmethod
-    def forward(ctx, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    def forward(ctx, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, A_is_log):
         from ssmkit.ops.step.triton import selective_state_update_triton
 
         new_state = state.clone()
-        y = selective_state_update_triton(new_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, None)
+        y = selective_state_update_triton(
+            new_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, None, A_is_log
+        )
         ctx.save_for_backward(state, x, dt, A, B, C, D, z, dt_bias)
-        ctx.dt_softplus = dt_softplus
+        ctx.dt_softplus, ctx.A_is_log = dt_softplus, A_is_log
         return y, new_state
 
     @staticmethod
     def backward(ctx, grad_y, grad_state):
-        forward = lambda *tensors: selective_state_update_batched(*tensors, ctx.dt_softplus)
+        forward = lambda *tensors: selective_state_update_batched(*tensors, ctx.dt_softplus, ctx.A_is_log)
         grad_outputs = [grad_y, grad_state]
         grads = inplace.recompute_grads(forward, ctx.saved_tensors, ctx.needs_input_grad[:9], grad_outputs)
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 def _canonical(
@@ -174,6 +176,7 @@ def selective_state_update(
     state_batch_indices: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One decode step of a selective SSM; updates ``state`` IN PLACE and returns y.
 
@@ -185,6 +188,8 @@ def selective_state_update(
     state_batch_indices: int (batch,); row i updates state[state_batch_indices[i]] of a state pool
         with any number of rows. Not range-checked (that would synchronise with the GPU);
         duplicate indices are undefined.
+    A_is_log (an ssmkit extension): A holds a layer's A_log, in any of A's shapes, and the step uses
+        A = -exp(A_log), computed inside the step (a decode step then launches nothing for A).
 
     With dt' = softplus(dt + dt_bias) (softplus only if dt_softplus):
         state = exp(dt' A) state + dt' x B;   y = (state C + D x) * silu(z)
@@ -217,16 +222,16 @@ def selective_state_update(
     if implementation == "triton" and not needs_grad:
         from ssmkit.ops.step.triton import selective_state_update_triton
 
-        y = selective_state_update_triton(state4, *inputs, dt_softplus, indices)
+        y = selective_state_update_triton(state4, *inputs, dt_softplus, indices, A_is_log)
         return y if state.dim() == 4 else y.squeeze(-1)
 
     if needs_grad:
         # Checked on the user's tensor: the 4-D view of a 3-D leaf is not itself a leaf.
         inplace.check_not_grad_leaf("state", state)
     if implementation == "triton":
-        step = lambda rows: _TritonStep.apply(rows, *inputs, dt_softplus)
+        step = lambda rows: _TritonStep.apply(rows, *inputs, dt_softplus, A_is_log)
     else:
         fn = selective_state_update_ref if implementation == "reference" else selective_state_update_batched
-        step = lambda rows: fn(rows, *inputs, dt_softplus)
+        step = lambda rows: fn(rows, *inputs, dt_softplus, A_is_log)
     y = inplace.update_rows(state4, indices, needs_grad, step)
     return y if state.dim() == 4 else y.squeeze(-1)

@@ -7,6 +7,9 @@ h // (nheads // ngroups). The recurrence, with dt' = softplus(dt + dt_bias) when
 
     state <- exp(dt' A) * state + dt' * x * B        (zero-order hold for A, Euler for B, as Mamba)
     y     = state @ C + D * x,  then y * silu(z)
+
+With ``A_is_log`` the A argument holds A_log and the step uses A = -exp(A_log) (a Mamba layer's
+parametrisation), computed in the compute dtype.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def selective_state_update_ref(
     z: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
+    A_is_log: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step, out of place.
 
@@ -44,6 +48,7 @@ def selective_state_update_ref(
     batch, nheads = x.shape[:2]
     heads_per_group = nheads // B.shape[1]
     dtype = compute_dtype(state, x, dt, A, B, C, D, z, dt_bias)
+    A = -torch.exp(A.to(dtype)) if A_is_log else A
     ys, new_states = [], []
     for i in range(batch):
         row_ys, row_states = [], []

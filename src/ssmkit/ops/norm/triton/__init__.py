@@ -1,4 +1,5 @@
-"""Triton gated RMSNorm, registered as ``ssmkit::rms_norm_gated_fwd`` / ``ssmkit::rms_norm_gated_bwd``.
+"""Triton gated RMSNorm, registered as ``ssmkit::rms_norm_gated_fwd`` / ``ssmkit::rms_norm_gated_bwd``,
+and the fused residual add + RMSNorm of pre-norm blocks, ``ssmkit::add_rms_norm`` (forward only).
 
 The forward op returns the output and the per-(row, group) reciprocal RMS the backward reuses; its
 autograd formula is registered with ``torch.library.register_autograd`` (the custom-op form of an
@@ -12,10 +13,11 @@ import contextlib
 import torch
 
 from ssmkit.ops.common.eager import EagerAutograd, op_or_impl
+from ssmkit.ops.norm.triton.add_norm import add_rms_norm_fwd
 from ssmkit.ops.norm.triton.norm_bwd import rms_norm_gated_bwd
 from ssmkit.ops.norm.triton.norm_fwd import MAX_GROUP_SIZE, rms_norm_gated_fwd
 
-__all__ = ["rms_norm_gated_triton"]
+__all__ = ["add_rms_norm_triton", "rms_norm_gated_triton"]
 
 
 def _device_context(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -163,3 +165,80 @@ def rms_norm_gated_triton(
         )
     out, _ = _norm(_rms_norm_gated_fwd_op, x, weight, z, eps, group_size, norm_before_gate)
     return out
+
+
+def _add_norm_impl(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    multiplier: float,
+    residual_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual_dtype None: the new residual is x itself and is not written; an empty tensor stands
+    for it (a custom op may not return its input)."""
+    dim = x.shape[-1]
+    x2d = x.reshape(-1, dim)
+    rows = x2d.shape[0]
+    out = torch.empty(x.shape, dtype=weight.dtype, device=x.device)
+    residual_out = torch.empty(
+        x.shape if residual_dtype is not None else (0,), dtype=residual_dtype or x.dtype, device=x.device
+    )
+    if rows > 0 and dim > 0:
+        with _device_context(x):
+            add_rms_norm_fwd(
+                x2d,
+                residual.reshape(-1, dim) if residual is not None else None,
+                weight,
+                eps,
+                multiplier,
+                out.view(rows, dim),
+                residual_out.view(rows, dim) if residual_dtype is not None else None,
+            )
+    return out, residual_out
+
+
+_add_rms_norm_op = torch.library.custom_op(
+    "ssmkit::add_rms_norm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor? residual, Tensor weight, float eps, float multiplier, "
+    "ScalarType? residual_dtype) -> (Tensor, Tensor)",
+)(_add_norm_impl)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, multiplier, residual_dtype):
+    return (
+        torch.empty(x.shape, dtype=weight.dtype, device=x.device),
+        torch.empty(
+            x.shape if residual_dtype is not None else (0,), dtype=residual_dtype or x.dtype, device=x.device
+        ),
+    )
+
+
+def add_rms_norm_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    multiplier: float,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add and RMSNorm in one kernel, forward only (the interface differentiates the
+    unfused ops instead).
+
+    x: (..., dim)   residual: (..., dim) or None   weight: (dim,)
+    Returns out = rmsnorm(residual_out.to(weight.dtype)) * weight in weight's dtype and
+    residual_out = residual + multiplier * x in residual_dtype, which is x itself when there is no
+    residual, multiplier is 1 and residual_dtype is x's. Arguments are validated by the interface.
+    """
+    if x.shape[-1] > MAX_GROUP_SIZE:
+        raise ValueError(
+            f"x must have at most {MAX_GROUP_SIZE} channels for the Triton kernel (a row is normalised "
+            f"in one tile), got {x.shape[-1]}; use backend='torch'"
+        )
+    alias = residual is None and multiplier == 1.0 and residual_dtype == x.dtype
+    out, residual_out = op_or_impl(_add_rms_norm_op, _add_norm_impl)(
+        x, residual, weight, eps, multiplier, None if alias else residual_dtype
+    )
+    return out, x if alias else residual_out

@@ -18,7 +18,7 @@ __all__ = ["selective_state_update_triton"]
 
 _SCHEMA = (
     "(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-    "Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices) -> Tensor"
+    "Tensor? dt_bias, bool dt_softplus, Tensor? state_batch_indices, bool A_is_log=False) -> Tensor"
 )
 
 
@@ -35,23 +35,26 @@ def _selective_state_update_op(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     state_batch_indices: torch.Tensor | None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
-    return _launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    return _launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, A_is_log)
 
 
-def _launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices) -> torch.Tensor:
+def _launch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, A_is_log) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
     # Triton launches on the current CUDA device: switch to the tensors' device when it differs.
     other_device = x.device.type == "cuda" and x.device.index != torch.cuda.current_device()
     with torch.cuda.device(x.device) if other_device else contextlib.nullcontext():
-        state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out)
+        state_update(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, out, A_is_log=A_is_log
+        )
     return out
 
 
 @_selective_state_update_op.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, A_is_log=False):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -67,6 +70,7 @@ def selective_state_update_triton(
     dt_bias: torch.Tensor | None,
     dt_softplus: bool,
     state_batch_indices: torch.Tensor | None,
+    A_is_log: bool = False,
 ) -> torch.Tensor:
     """One Mamba-2 decode step on the GPU (or the Triton CPU interpreter); updates ``state`` in place.
 
@@ -74,6 +78,7 @@ def selective_state_update_triton(
     x, dt, z: (batch, nheads, headdim)   A: (nheads, headdim, dstate)   B, C: (batch, ngroups, dstate)
     D, dt_bias: (nheads, headdim) (stride-0 broadcasts of per-head values are detected and read once)
     state_batch_indices: None or int (batch,)
+    A_is_log: A holds A_log and the kernel uses A = -exp(A_log)
     Returns y: (batch, nheads, headdim) in the dtype of x. Arguments are validated by the interface.
 
     dt <- softplus(dt + dt_bias); state <- exp(dt A) state + dt B x; y <- (C . state + D x) silu(z).
@@ -81,4 +86,4 @@ def selective_state_update_triton(
     # Eager decode (the hot path of generation without CUDA graphs): the custom op's dispatch costs
     # more host time than the launch itself; only torch.compile needs to see the op.
     step = op_or_impl(_selective_state_update_op, _launch)
-    return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices)
+    return step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, A_is_log)

@@ -80,6 +80,7 @@ def _state_update_kernel(
     DT_PER_HEAD: tl.constexpr,
     A_PER_HEAD: tl.constexpr,
     D_PER_HEAD: tl.constexpr,
+    A_IS_LOG: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -131,6 +132,8 @@ def _state_update_kernel(
 
     if A_PER_HEAD:
         A = tl.load(A_ptr + head * stride_A_h).to(COMPUTE_DTYPE)
+        if A_IS_LOG:
+            A = -tl.exp(A)
         if DT_PER_HEAD:
             decay = tl.exp(dt * A)  # one scalar for the whole tile
         else:
@@ -141,6 +144,8 @@ def _state_update_kernel(
             mask=mask_pn,
             other=0.0,
         ).to(COMPUTE_DTYPE)
+        if A_IS_LOG:
+            A = -tl.exp(A)
         if DT_PER_HEAD:
             decay = tl.exp(A * dt)
         else:
@@ -218,6 +223,7 @@ def state_update(
     state_batch_indices: torch.Tensor | None,
     out: torch.Tensor,
     config: tuple[int, int] | None = None,
+    A_is_log: bool = False,
 ) -> None:
     """Launch the decode-step kernel; writes ``state`` in place and ``out``.
 
@@ -225,6 +231,7 @@ def state_update(
     A: (nheads, headdim, dstate)   B, C: (batch, ngroups, dstate)   D, dt_bias: (nheads, headdim)
     state_batch_indices: (batch,) int rows of ``state`` to update (None: row i for batch i).
     Any strides are accepted, including stride 0 for per-head broadcasts.
+    A_is_log: A holds A_log; the kernel uses A = -exp(A_log) (no separate launch for it per step).
     config: (BLOCK_P, num_warps) to override the built-in choice (benchmark sweeps only).
     """
     batch, nheads, headdim = x.shape
@@ -274,6 +281,7 @@ def state_update(
         DT_PER_HEAD=dt_per_head,
         A_PER_HEAD=a_per_head,
         D_PER_HEAD=d_per_head,
+        A_IS_LOG=A_is_log,
         COMPUTE_DTYPE=_compute_dtype(state, x),
         BLOCK_P=block_p,
         BLOCK_N=block_n,
