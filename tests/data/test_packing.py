@@ -131,3 +131,36 @@ def test_evaluation_batches_are_fixed_and_sharded():
     interleaved = [shards[0][0], shards[1][0], shards[0][1], shards[1][1]]
     for x, y in zip(all_batches, interleaved):
         assert torch.equal(x.input_ids, y.input_ids)
+
+
+def test_random_sampling_starts_anywhere_and_is_resumable_and_world_size_free():
+    """sampling="random": windows start at any token (not only multiples of seq_len), each window is
+    the stream's tokens from its start, the order resumes from the position alone, and two ranks see
+    what one rank with grad_accum 2 sees."""
+    tokens = np.arange(5000)  # a token's value is its position
+    stream = TokenStream(tokens, 5000, None)
+    kwargs = dict(seq_len=10, packing=False, seed=3, sampling="random")
+    loader = WindowLoader(stream, micro_batch_size=4, grad_accum=2, **kwargs)
+    rows = torch.cat([torch.cat([b.input_ids for b in loader.next_step()]) for _ in range(20)])
+    firsts = rows[:, 0]
+    assert (rows[:, 1:] - rows[:, :-1] == 1).all()  # contiguous tokens
+    assert (firsts % 10 != 0).float().mean() > 0.5  # not the fixed cuts
+    assert len(set(firsts.tolist())) > 150  # 160 draws from ~5000 starts: few repeats
+
+    again = WindowLoader(stream, micro_batch_size=4, grad_accum=2, **kwargs)
+    again.load_state_dict({**loader.state_dict(), "position": 7})
+    loader.position = 7
+    assert torch.equal(again.next_step()[1].input_ids, loader.next_step()[1].input_ids)
+
+    single = WindowLoader(stream, micro_batch_size=2, grad_accum=2, **kwargs)
+    ranks = [WindowLoader(stream, micro_batch_size=2, rank=r, world_size=2, **kwargs) for r in range(2)]
+    for _ in range(3):
+        one = torch.cat([b.input_ids for b in single.next_step()])
+        two = torch.cat([r.next_step()[0].input_ids for r in ranks])
+        assert torch.equal(one, two)
+
+    windows = WindowLoader(stream, micro_batch_size=2, seq_len=10, packing=False, seed=3)
+    with pytest.raises(ValueError, match="sampling differs"):
+        windows.load_state_dict(loader.state_dict())
+    with pytest.raises(ValueError, match="sampling must be"):
+        WindowLoader(stream, micro_batch_size=2, seq_len=10, sampling="uniform")

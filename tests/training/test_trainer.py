@@ -199,3 +199,25 @@ def test_memory_mapped_token_file_with_validation_file(tmp_path):
     result = trainer.fit()
     evals = [r for r in read_log(tmp_path / "run" / LOG_FILE) if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [2, 3] and result.best_val_loss == min(r["val_loss"] for r in evals)
+
+
+def test_max_seconds_stops_with_a_checkpoint_and_counts_train_time(tmp_path):
+    """A limit shorter than one step: the run stops after its first step, says why, evaluates and
+    saves that step; the seconds spent travel in the checkpoint so a resumed run keeps counting."""
+    stream = random_stream()
+    config = small_config(tmp_path / "run", max_steps=8, max_seconds=1e-9, checkpoint__every=100)
+    trainer = Trainer(config, model=ToyLM(), train_stream=stream)
+    result = trainer.fit()
+    assert result.step == 1
+    limits = [e for e in trainer.events if e["event"] == "time_limit"]
+    assert len(limits) == 1 and limits[0]["step"] == 1 and limits[0]["train_seconds"] > 0
+    saved = trainer.checkpoints.load_latest()
+    assert saved is not None and saved.trainer_state["step"] == 1
+    assert saved.trainer_state["train_seconds"] == pytest.approx(trainer.train_seconds)
+    assert trainer.train_seconds > 0
+
+
+def test_max_seconds_must_be_finite_and_not_negative(tmp_path):
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_seconds"):
+            small_config(tmp_path, max_seconds=bad)

@@ -11,6 +11,12 @@ With ``packing`` a micro-batch is one row of ``micro_batch_size * seq_len`` toke
 ``cu_seqlens`` marks every window edge and every document end (the token after each end-of-text
 id), so the model never attends or carries state across documents and no token is padding.
 Without packing it is ``(micro_batch_size, seq_len)`` rows that run through document ends.
+
+``sampling="random"`` draws every window's first token uniformly from the whole stream instead
+(with replacement, as nanoGPT samples): a small corpus then shows the model windows that start
+anywhere, not the same few thousand cuts every epoch, which a model can memorise. The draws of a
+global batch come from ``(seed, batch number)``, so the order is as resumable and as independent of
+the number of processes as the fixed windows.
 """
 
 from __future__ import annotations
@@ -90,7 +96,10 @@ class WindowLoader:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        sampling: str = "windows",
     ) -> None:
+        if sampling not in ("windows", "random"):
+            raise ValueError(f"sampling must be 'windows' or 'random', got {sampling!r}")
         if seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 (one input and one target), got {seq_len}")
         if micro_batch_size < 1 or grad_accum < 1:
@@ -108,6 +117,7 @@ class WindowLoader:
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
+        self.sampling = sampling
         self.num_windows = len(stream) // seq_len
         if self.num_windows == 0:
             raise ValueError(
@@ -115,6 +125,8 @@ class WindowLoader:
             )
         self.position = 0  # global batches consumed
         self._order_epoch = -1
+        self._random_batch = -1  # the global batch whose random starts _random_draws holds
+        self._random_draws = np.empty(0, dtype=np.int64)
         self._order = np.arange(self.num_windows)
 
     @property
@@ -135,12 +147,30 @@ class WindowLoader:
 
     def _windows(self, first: int, count: int) -> np.ndarray:
         """Token windows (count, seq_len) for global sample indices [first, first + count)."""
-        starts = np.empty(count, dtype=np.int64)
-        for i in range(count):
-            epoch, offset = divmod(first + i, self.num_windows)
-            starts[i] = self._window_order(epoch)[offset] * self.seq_len
+        if self.sampling == "random":
+            starts = self._random_starts(first, count)
+        else:
+            starts = np.empty(count, dtype=np.int64)
+            for i in range(count):
+                epoch, offset = divmod(first + i, self.num_windows)
+                starts[i] = self._window_order(epoch)[offset] * self.seq_len
         tokens = self.stream.tokens
         return np.stack([np.asarray(tokens[s : s + self.seq_len]) for s in starts])
+
+    def _random_starts(self, first: int, count: int) -> np.ndarray:
+        """Uniform window starts for global samples [first, first + count): each global batch's
+        draws come from (seed, batch number) alone, whatever rank or micro-batch asks."""
+        per_batch = self.windows_per_step
+        high = len(self.stream) - self.seq_len + 1
+        starts = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            batch, slot = divmod(first + i, per_batch)
+            if batch != self._random_batch:
+                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, 1, batch])))
+                self._random_draws = rng.integers(0, high, size=per_batch)
+                self._random_batch = batch
+            starts[i] = self._random_draws[slot]
+        return starts
 
     def batches_at(self, position: int) -> list[Batch]:
         """This rank's micro-batches of global batch number ``position`` (does not move)."""
@@ -163,6 +193,7 @@ class WindowLoader:
             "position": self.position,
             "seed": self.seed,
             "seq_len": self.seq_len,
+            "sampling": self.sampling,
             "windows_per_step": self.windows_per_step,
         }
 
@@ -172,6 +203,9 @@ class WindowLoader:
                 f"data order differs from the saved one: seed {state['seed']} -> {self.seed}, "
                 f"seq_len {state['seq_len']} -> {self.seq_len}"
             )
+        saved_sampling = state.get("sampling", "windows")  # checkpoints from before the option
+        if saved_sampling != self.sampling:
+            raise ValueError(f"data sampling differs from the saved one: {saved_sampling} -> {self.sampling}")
         if state["windows_per_step"] != self.windows_per_step:
             raise ValueError(
                 f"the global batch differs from the saved one ({state['windows_per_step']} windows per step, "

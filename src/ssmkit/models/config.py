@@ -149,6 +149,9 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0  # logits are divided by this (Granite's convention)
     initializer_range: float = 0.02
+    # Training-time dropout on the embedding output and on every mixer/MLP branch before its
+    # residual add (nanoGPT's placement; no attention-probability dropout). 0 in every preset.
+    dropout: float = 0.0
     rescale_prenorm_residual: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -190,6 +193,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field when the sizes are inconsistent."""
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if len(self.layer_types) != self.n_layer:
             raise ValueError(
                 f"layer_types must have n_layer ({self.n_layer}) entries, got {len(self.layer_types)}"

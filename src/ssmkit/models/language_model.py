@@ -134,6 +134,7 @@ class LanguageModel(nn.Module):
                 norm_eps=config.norm_eps,
                 residual_in_fp32=config.residual_in_fp32,
                 residual_multiplier=config.residual_multiplier,
+                dropout=config.dropout,
             )
             for module in block.modules():
                 module.trace_prefix = f"layers.{i}"
@@ -226,6 +227,8 @@ class LanguageModel(nn.Module):
         hidden = self.embedding(input_ids)
         if self.config.embedding_multiplier != 1.0:
             hidden = hidden * self.config.embedding_multiplier
+        if self.config.dropout > 0 and self.training:
+            hidden = F.dropout(hidden, self.config.dropout, training=True)
         record(None, "embedding", hidden)
         for i, block in enumerate(self.layers):
             hidden = block(

@@ -47,6 +47,9 @@ class DataConfig:
     seq_len: int = 256
     micro_batch_size: int = 8
     packing: bool = True
+    # "windows": fixed non-overlapping windows, shuffled per epoch; "random": every window starts
+    # at a uniformly drawn token (nanoGPT's sampling; see ssmkit.data.packing).
+    sampling: str = "windows"
     val_fraction: float = 0.05
     seed: int = 1234
 
@@ -202,6 +205,10 @@ class TrainConfig:
     aux: AuxConfig = field(default_factory=AuxConfig)
     out_dir: str = "runs/default"
     max_steps: int = 1000
+    # Stop (final evaluation and checkpoint included) once the optimizer steps have taken this many
+    # seconds in all (evaluation and checkpoints not counted); 0: no limit. For comparisons at equal
+    # wall time; the schedule still runs over max_steps, so a run stopped early ends mid-schedule.
+    max_seconds: float = 0.0
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     precision: str = "fp32"
@@ -222,6 +229,7 @@ class TrainConfig:
         """Raise ValueError naming the field when a value is out of range or inconsistent."""
         choices = {
             "data.kind": (self.data.kind, ("text", "tokens", "random")),
+            "data.sampling": (self.data.sampling, ("windows", "random")),
             "schedule.decay": (self.schedule.decay, ("cosine", "linear", "constant")),
             "checkpoint.golden": (self.checkpoint.golden, ("best_val", "final", "none")),
             "checkpoint.verify": (self.checkpoint.verify, ("checksum", "size")),
@@ -244,6 +252,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not (math.isfinite(self.max_seconds) and self.max_seconds >= 0):
+            raise ValueError(
+                f"max_seconds must be a finite number >= 0 (0: no limit), got {self.max_seconds!r}"
+            )
         if self.data.kind in ("text", "tokens") and not self.data.path:
             raise ValueError(f"data.path is required for data.kind={self.data.kind!r}")
         if self.monitor.state_penalty > 0 and self.data.packing:

@@ -200,6 +200,7 @@ class Trainer:
             micro_batch_size=d.micro_batch_size,
             grad_accum=config.grad_accum,
             packing=d.packing,
+            sampling=d.sampling,
             seed=d.seed,
             rank=self.info.rank,
             world_size=self.info.world_size,
@@ -245,6 +246,10 @@ class Trainer:
         self.step = 0  # optimizer updates applied to the current weights (a rollback rewinds it)
         self.iteration = 0  # loop iterations, never rewound
         self.best_val: float | None = None
+        # Seconds spent in optimizer steps (evaluation, checkpoints and snapshots not counted);
+        # what max_seconds limits and what evaluation records carry for equal-wall-time plots.
+        self.train_seconds = 0.0
+        self.stopped_by_time = False
         self.events: list[dict[str, Any]] = []
         self.flops_per_token = flops_per_token(self.inner, d.seq_len)
         self.peak_flops = config.peak_flops or (
@@ -321,9 +326,14 @@ class Trainer:
                     continue
 
                 elapsed = time.perf_counter() - started
+                self.train_seconds += elapsed
                 self._log_step(loss, penalty, aux_terms, lr, grad_norm, elapsed)
                 self.step += 1
                 self.iteration += 1
+                if self._out_of_time():
+                    self.stopped_by_time = True
+                    self._event("time_limit", step=self.step, train_seconds=round(self.train_seconds, 3))
+                    break
                 self._after_step(batches)
             self._finish()
         finally:
@@ -426,10 +436,18 @@ class Trainer:
         if c.checkpoint.every > 0 and step % c.checkpoint.every == 0 and step < c.max_steps and saved != step:
             self.save_checkpoint()
 
+    def _out_of_time(self) -> bool:
+        """Whether max_seconds is spent; every rank takes rank 0's verdict (their clocks differ)."""
+        limit = self.config.max_seconds
+        if limit <= 0 or self.step >= self.config.max_steps:
+            return False
+        verdict = 1.0 if self.info.is_main and self.train_seconds >= limit else 0.0
+        return dist_utils.all_reduce_sum([verdict], self.device)[0] > 0
+
     def _finish(self) -> None:
         c = self.config
         saved = None
-        if self.step >= c.max_steps and self.val_batches:
+        if (self.step >= c.max_steps or self.stopped_by_time) and self.val_batches:
             saved = self._evaluate_and_maybe_promote()
         path = self.save_checkpoint() if saved != self.step else self.checkpoints.step_folder(self.step)
         if c.checkpoint.golden == "final" and c.checkpoint.enabled and self.info.is_main:
@@ -446,7 +464,11 @@ class Trainer:
         record = {"event": name, "iter": self.iteration, **fields}
         self.events.append(record)
         self.metrics.event(record)
-        level = logging.INFO if name in ("start", "checkpoint", "golden", "resume") else logging.WARNING
+        level = (
+            logging.INFO
+            if name in ("start", "checkpoint", "golden", "resume", "time_limit")
+            else logging.WARNING
+        )
         if self.info.is_main:
             logger.log(level, "%s: %s", name, {k: v for k, v in fields.items()})
 
@@ -497,7 +519,7 @@ class Trainer:
         if not self.val_batches:
             return None
         val_loss = self.evaluate()
-        self.metrics.eval(self.step, {"val_loss": val_loss})
+        self.metrics.eval(self.step, {"val_loss": val_loss, "train_seconds": self.train_seconds})
         if self.info.is_main:
             logger.info("step %d: validation loss %.4f", self.step, val_loss)
         improved = math.isfinite(val_loss) and (self.best_val is None or val_loss < self.best_val)
@@ -555,6 +577,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "guard": self.guard.state_dict(),
             "best_val": self.best_val,
+            "train_seconds": self.train_seconds,
             "world_size": self.info.world_size,
             "rng": dist_utils.all_gather_object(get_rng_state()),
         }
@@ -624,6 +647,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.guard.load_state_dict(state["guard"])
         self.best_val = state.get("best_val")
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         rng_states = state["rng"]
         if len(rng_states) == self.info.world_size:
             set_rng_state(rng_states[self.info.rank])
