@@ -174,8 +174,12 @@ def test_layer_gives_the_same_output_through_both_paths(scan_backend, dtype, dev
     out_ref, final_ref, grads_ref = results["torch"]
     assert_close(out, out_ref, dtype, name="out")
     assert_close(final, final_ref, dtype, name="final state")
+    # Two fp32 evaluations (neither is the truth): a weight gradient sums batch x seqlen terms that
+    # cancel, in another order in each path; on an H100 dt_proj.weight differed by 1.8e-4. The
+    # fp64 case holds both paths to fp64 rounding.
+    scale = 30.0 if dtype == torch.float32 else 10.0
     for name, grad in grads.items():
-        assert_close(grad, grads_ref[name], dtype, scale=10.0, name=f"grad {name}")
+        assert_close(grad, grads_ref[name], dtype, scale=scale, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("scan_backend", TRITON)

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -76,8 +77,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# The operator packages of ssmkit.ops that ship Triton kernels, found once at import from the files
+# (no import of triton). Dispatch then only looks names up in a frozenset, which dynamo traces: it
+# refuses to trace importlib's find_spec (an H100 run of the stable scan under a fullgraph compile
+# failed on exactly that, through a functools.cache wrapper as well).
+_OPS_DIR = Path(__file__).resolve().parent
+_TRITON_PACKAGES = frozenset(
+    f"{__package__}.{entry.name}"
+    for entry in _OPS_DIR.iterdir()
+    if (entry / "triton" / "__init__.py").is_file()
+)
+
+
 def _has_triton_kernels(op_package: str) -> bool:
+    if op_package.startswith(f"{__package__}."):
+        return op_package in _TRITON_PACKAGES
+    return _has_triton_kernels_elsewhere(op_package)
+
+
+@functools.cache
+def _has_triton_kernels_elsewhere(op_package: str) -> bool:
+    """Operator packages outside ssmkit.ops (extensions): looked up once, outside any trace."""
     try:
         return importlib.util.find_spec(f"{op_package}.triton") is not None
     except ModuleNotFoundError:  # the operator package itself is missing

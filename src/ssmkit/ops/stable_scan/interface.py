@@ -3,10 +3,11 @@
 ``"reference"`` and ``"torch"`` run :func:`~ssmkit.ops.stable_scan.reference.stable_scan_reference`
 (one step per token, differentiated by autograd; there is no faster exact PyTorch form, see
 :mod:`ssmkit.layers.grounded`); ``"triton"`` runs ``stable_scan_triton`` from
-``ssmkit.ops.stable_scan.triton`` (imported only then), with its own backward; it is opt-in
-(``backend="triton"``) until it has been run on a GPU, "auto" keeps the loop. The Triton kernels
-cover the "euler" discretisation; "zoh" (a matrix exponential per channel and step) always runs
-the PyTorch loop.
+``ssmkit.ops.stable_scan.triton`` (imported only then), with its own backward; "auto" picks it
+for CUDA tensors (on an H100 at GroundedMamba-minimal's training shape, b=64 l=256 d_inner=1024
+d_state=16 fp32: forward 3.0 ms against the loop's 36.6 ms, forward+backward 8.3 against 226 ms).
+The Triton kernels cover the "euler" discretisation; "zoh" (a matrix exponential per channel and
+step) always runs the PyTorch loop.
 """
 
 from __future__ import annotations
@@ -68,9 +69,7 @@ def stable_scan(
         checks.shape("seq_idx", seq_idx, [("batch", batch), ("seqlen", seqlen)])
 
     requested = backend if backend is not None else current_backend()
-    # Opt-in until the kernels have run on a GPU (so far only Triton's CPU interpreter has run them):
-    # "auto" keeps the PyTorch loop everywhere; backend="triton" or SSMKIT_BACKEND=triton selects them.
-    implementation = "torch" if requested == "auto" else resolve(_OP_PACKAGE, requested, x.device)
+    implementation = resolve(_OP_PACKAGE, requested, x.device)
     if implementation == "triton" and discretization == "euler" and x.dtype in (torch.float32, torch.float64):
         from ssmkit.ops.stable_scan.triton import DEFAULT_CHUNK, stable_scan_triton
 
