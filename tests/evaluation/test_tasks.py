@@ -14,6 +14,7 @@ from torch import nn
 from ssmkit.data.synthetic import IGNORE, InductionHeads, SelectiveCopying
 from ssmkit.evaluation.tasks import (
     TASK_CONFIGS,
+    SelectiveCopyingTrainConfig,
     TaskTrainConfig,
     answer_predictions,
     build_task_model,
@@ -185,6 +186,35 @@ def test_task_configs_in_the_repository_load_and_defaults_match() -> None:
     # The CPU default files must say what the code does with no file at all.
     for task, cls in TASK_CONFIGS.items():
         assert load_task_config(task, str(CONFIG_DIR / f"{task}.yaml")) == cls()
+
+
+def test_partial_train_overrides_keep_each_tasks_defaults() -> None:
+    """A ``train.*`` override replaces one value; the rest stays the task's own default (selective
+    copying trains with small batches, the other tasks with the shared defaults)."""
+    copying = load_task_config("selective-copying", None, ["train.steps=5"])
+    assert copying.train.steps == 5
+    assert copying.train.batch_size == SelectiveCopyingTrainConfig().batch_size == 8
+    assert copying.train.optim.lr == SelectiveCopyingTrainConfig().optim.lr
+    induction = load_task_config("induction-heads", None, ["train.steps=5"])
+    assert induction.train.batch_size == TaskTrainConfig().batch_size == 32
+
+
+def test_task_guard_tolerates_relative_spikes_near_zero_loss() -> None:
+    """Near zero loss a small batch with one mistake is many times the running average: the tasks'
+    guard lets it through (the trainer's default would skip it), and still stops non-finite losses."""
+    from ssmkit.training.config import GuardConfig
+    from ssmkit.training.guards import Guard
+
+    def settled(config: GuardConfig) -> Guard:
+        guard = Guard(config)
+        for _ in range(100):
+            guard.record_good(0.02)
+        return guard
+
+    assert settled(TaskTrainConfig().guard).inspect(100, loss=0.3, grad_norm=1.0).ok
+    assert not settled(GuardConfig()).inspect(100, loss=0.3, grad_norm=1.0).ok
+    verdict = settled(TaskTrainConfig().guard).inspect(101, loss=float("nan"), grad_norm=1.0)
+    assert not verdict.ok and verdict.reason == "nan_loss"
 
 
 def test_task_config_errors(tmp_path: Path) -> None:

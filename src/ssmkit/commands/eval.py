@@ -282,9 +282,35 @@ def _short(length: int) -> str:
     return f"2^{exponent}" if length == 1 << exponent else str(length)
 
 
-def run_task(args: argparse.Namespace) -> int:
+def run_synthetic_task(task: str, config: Any, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train and score ``task`` with ``config`` (a :mod:`ssmkit.evaluation.tasks` config), showing a
+    progress bar; print the table; write ``results.json`` and ``accuracy.png`` to ``out``. Returns the
+    results dict with ``"json"`` and ``"plot"`` (the paths written) added. Used by ``ssmkit eval TASK``
+    and by ``ssmkit demo``."""
     from ssmkit.evaluation import plots
-    from ssmkit.evaluation.tasks import EXPERIMENTS, load_task_config
+    from ssmkit.evaluation.tasks import EXPERIMENTS
+
+    with _TaskProgress(enabled=progress) as bars:
+        results = EXPERIMENTS[task](config, callback=bars)
+    console = _console()
+    console.print(_task_table(results))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "results.json", results)
+    if task == "selective-copying":
+        size = f"{config.num_tokens} tokens in a context of {config.seqlen}"
+        plot = plots.plot_training_accuracy(
+            results, out / "accuracy.png", title=f"Selective copying ({size}): held-out accuracy"
+        )
+    elif task == "induction-heads":
+        plot = plots.plot_induction_heads(results, out / "accuracy.png")
+    else:
+        plot = plots.plot_mqar(results, out / "accuracy.png")
+    return {**results, "json": str(out / "results.json"), "plot": str(plot)}
+
+
+def run_task(args: argparse.Namespace) -> int:
+    from ssmkit.evaluation.tasks import load_task_config
 
     set_threads(args.threads)
     task = args.task_name
@@ -292,22 +318,8 @@ def run_task(args: argparse.Namespace) -> int:
     if args.device:
         overrides.append(f"device={args.device}")
     config = load_task_config(task, args.config, overrides)
-    with _TaskProgress(enabled=not args.no_progress) as progress:
-        results = EXPERIMENTS[task](config, callback=progress)
-    console = _console()
-    console.print(_task_table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", results)
-    if task == "selective-copying":
-        plot = plots.plot_training_accuracy(
-            results, out / "accuracy.png", title="Selective copying: held-out accuracy"
-        )
-    elif task == "induction-heads":
-        plot = plots.plot_induction_heads(results, out / "accuracy.png")
-    else:
-        plot = plots.plot_mqar(results, out / "accuracy.png")
-    console.print(f"results: {out / 'results.json'}, plot: {plot}")
+    results = run_synthetic_task(task, config, Path(args.out), progress=not args.no_progress)
+    _console().print(f"results: {results['json']}, plot: {results['plot']}")
     return 0
 
 

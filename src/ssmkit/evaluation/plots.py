@@ -29,7 +29,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_training_accuracy(results: dict[str, Any], path: str | os.PathLike, *, title: str) -> Path:
-    """Held-out answer accuracy against training step, one line per row (selective copying)."""
+    """Held-out answer accuracy against training step, one line per row (selective copying), and the
+    chance level when the config names the data vocabulary (``vocab_data``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in results["rows"]:
@@ -40,6 +41,11 @@ def plot_training_accuracy(results: dict[str, Any], path: str | os.PathLike, *, 
             acc,
             "o-",
             label=f"{row['label']} ({row['parameters']:,} params): {100 * row['accuracy']:.1f}%",
+        )
+    vocab = results.get("config", {}).get("vocab_data")
+    if vocab:  # guessing one of the data tokens uniformly
+        ax.axhline(
+            100 / vocab, color="grey", linestyle=":", linewidth=1, label=f"chance ({100 / vocab:.2f}%)"
         )
     ax.set_xlabel("training step (optimizer updates)")
     ax.set_ylabel("answer accuracy on held-out sequences (%)")

@@ -18,8 +18,8 @@ trainer's components rather than copying them: AdamW parameter groups
 (:mod:`~ssmkit.training.grad_monitor`) and the non-finite/spike guard with in-memory rollback
 (:mod:`~ssmkit.training.guards`).
 
-Defaults are the CPU settings (selective copying: about 8 minutes with one CPU thread, and far from
-the paper's accuracy, see docs/results.md). The paper-size settings live in
+Defaults are the CPU settings (selective copying: a few minutes with one CPU thread, at a smaller
+size than the paper's, see docs/results.md). The paper-size settings live in
 ``configs/tasks/*-paper.yaml`` (GPU benchmarks).
 """
 
@@ -54,11 +54,22 @@ Callback = Callable[[dict[str, Any]], None]
 
 
 # ---------------------------------------------------------------- configuration
+# The trainer's loss-spike rule (skip a step whose loss exceeds spike_factor x the running average,
+# roll back after three) suits language-model pretraining, where the loss stays well above zero. On
+# these tasks the loss heads for zero with small batches, and then a batch holding one or two
+# mistakes is several times the average by nature: at the default factor 3 the guard skipped ever
+# more steps near convergence and finally raised TrainingDiverged in a selective-copying run (batch
+# 8, lr 1e-2) that was at 97% accuracy. Only losses a million times the average (a real blow-up)
+# count as spikes here; non-finite losses and gradients are still skipped and rolled back.
+TASK_SPIKE_FACTOR = 1e6
+
+
 @dataclass
 class TaskTrainConfig:
     """How each model of an experiment is trained. ``optim``, ``schedule`` and ``guard`` are the
-    trainer's own config sections (see :mod:`ssmkit.training.config`). The defaults are the CPU
-    selective-copying settings; the other tasks use them too."""
+    trainer's own config sections (see :mod:`ssmkit.training.config`). These defaults are the CPU
+    settings of induction heads and MQAR; selective copying has its own
+    (:class:`SelectiveCopyingTrainConfig`)."""
 
     steps: int = 600
     batch_size: int = 32
@@ -70,7 +81,24 @@ class TaskTrainConfig:
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(warmup_steps=20, decay="cosine", min_lr_ratio=0.1)
     )
-    guard: GuardConfig = field(default_factory=lambda: GuardConfig(snapshot_every=50))
+    guard: GuardConfig = field(
+        default_factory=lambda: GuardConfig(snapshot_every=50, spike_factor=TASK_SPIKE_FACTOR)
+    )
+
+
+@dataclass
+class SelectiveCopyingTrainConfig(TaskTrainConfig):
+    """The CPU selective-copying default: many small steps (batch 8) at a high learning rate with a
+    longer warmup. Per sequence seen, batches of 8 learned faster than batches of 16, 32 or 64, and
+    batches of 4 stalled at chance; docs/results.md has the runs behind each value."""
+
+    steps: int = 3000
+    batch_size: int = 8
+    eval_every: int = 100
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, weight_decay=0.0))
+    schedule: ScheduleConfig = field(
+        default_factory=lambda: ScheduleConfig(warmup_steps=100, decay="cosine", min_lr_ratio=0.1)
+    )
 
 
 def _mamba1(d_model: int = 64) -> dict[str, Any]:
@@ -101,25 +129,39 @@ class TaskConfig:
 @dataclass
 class SelectiveCopyingConfig(TaskConfig):
     """Selective copying: ``num_tokens`` data tokens (vocabulary ``vocab_data``) among noise in a
-    context of ``seqlen``. The paper: context 4096, d_model 64, hundreds of thousands of steps
-    (``configs/tasks/selective-copying-paper.yaml``). The default is sized for a CPU: context 64,
-    d_model 128 (wider models leave the initial plateau sooner), 600 steps."""
+    context of ``seqlen``. The paper: 16 tokens in a context of 4096, d_model 64, hundreds of
+    thousands of steps (``configs/tasks/selective-copying-paper.yaml``). The default is sized for
+    about six minutes on a 2-core CPU: 8 tokens in a context of 64 (the paper's vocabulary of 16,
+    the same task), d_model 128, 3000 steps of batch 8. 16 tokens learned far more slowly (39% after
+    2000 such steps); in a context of 32 the LTI baseline reached 60-72% (see docs/results.md)."""
 
     seqlen: int = 64
-    num_tokens: int = 16
+    num_tokens: int = 8
     vocab_data: int = 16
+    train: SelectiveCopyingTrainConfig = field(default_factory=SelectiveCopyingTrainConfig)
 
     def __post_init__(self) -> None:
         if not self.models:
+            # Both rows: 2 layers, d_model 128, state size 32, embeddings initialised with std 0.1
+            # (0.02 left a longer plateau at chance before the copying started).
             self.models = {
-                "Mamba-1 (S6)": _mamba1(128),
-                # The same stack with S4D layers; the MLP brings its parameter count up to Mamba-1's.
+                "Mamba-1 (S6)": {
+                    "d_model": 128,
+                    "n_layer": 2,
+                    "default_layer": "mamba1",
+                    # dt initialised in [0.01, 1] rather than [0.001, 0.1]: learned faster here.
+                    "mamba1": {"d_state": 32, "dt_min": 0.01, "dt_max": 1.0},
+                    "initializer_range": 0.1,
+                },
+                # The same stack with S4D layers (input-independent, LTI); the MLP brings its parameter
+                # count up to Mamba-1's. S4 keeps its default dt range, with which it did better.
                 "S4 (LTI)": {
                     "d_model": 128,
                     "n_layer": 2,
                     "default_layer": "s4",
-                    "s4": {"d_state": 16},
-                    "mlp": {"d_intermediate": 208},
+                    "s4": {"d_state": 32},
+                    "mlp": {"d_intermediate": 228},
+                    "initializer_range": 0.1,
                 },
             }
 
