@@ -34,6 +34,24 @@ def test_norms_and_clipping_match_torch():
         torch.testing.assert_close(g, p.grad)
 
 
+def test_per_tensor_path_matches_the_multi_tensor_path():
+    """fp32 gradients on one device take the foreach kernels; any other mix (here one fp64 tensor)
+    the per-tensor loop: the same norms and the same clipped gradients either way."""
+    grads = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2)]
+    mixed = [g.double() if i == 1 else g.clone() for i, g in enumerate(grads)]
+    per_param, total = gradient_norms(grads)
+    per_param_mixed, total_mixed = gradient_norms(mixed)
+    torch.testing.assert_close(per_param, per_param_mixed)
+    torch.testing.assert_close(total, total_mixed)
+    clip_gradients(grads, total, 0.5)
+    clip_gradients(mixed, total_mixed, 0.5)
+    for g, m in zip(grads, mixed):
+        torch.testing.assert_close(g, m.float())
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(
+        0.5, rel=1e-5
+    )
+
+
 def test_nonfinite_norm_points_at_the_parameter():
     per_param, total = gradient_norms([torch.ones(3), torch.tensor([1.0, float("inf")]), torch.ones(2)])
     assert not math.isfinite(total.item())

@@ -37,6 +37,16 @@ def named_grads(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]
     return [(n, p, p.grad) for n, p in model.named_parameters() if p.grad is not None]
 
 
+def _one_foreach_group(grads: list[torch.Tensor]) -> bool:
+    """Plain fp32 tensors on one device: what the multi-tensor (foreach) kernels take in one launch.
+    Each per-parameter op costs a launch otherwise (a few hundred per step for a small model: on a
+    GPU host that is milliseconds of Python and launch time)."""
+    first = grads[0]
+    return all(
+        type(g) is torch.Tensor and g.dtype == torch.float32 and g.device == first.device for g in grads
+    )
+
+
 def gradient_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-parameter L2 norms (num_params,) fp32, total L2 norm) — Inf/NaN propagate into both.
 
@@ -44,9 +54,18 @@ def gradient_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
     if not grads:
         zero = torch.zeros(())
         return zero[None][:0], zero
+    if _one_foreach_group(grads):
+        per_param = torch.stack(torch._foreach_norm(grads, 2))
+        return per_param, torch.linalg.vector_norm(per_param)
     norms = []
     for grad in grads:
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        # Accumulate in fp32 at least (vector_norm refuses to narrow fp64 to fp32).
+        wide = grad.dtype == torch.float64
+        norm = (
+            torch.linalg.vector_norm(grad).float()
+            if wide
+            else torch.linalg.vector_norm(grad, dtype=torch.float32)
+        )
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         norms.append(norm)
@@ -56,9 +75,12 @@ def gradient_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 def clip_gradients(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients by min(1, max_norm / total_norm) (torch's clip_grad_norm_ rule)."""
-    if max_norm <= 0:
+    if max_norm <= 0 or not grads:
         return
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    if _one_foreach_group(grads):
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return
     for grad in grads:
         # Scale the local shard: the same factor on every rank keeps FSDP2's shards consistent.
         local = _local(grad)
@@ -66,15 +88,18 @@ def clip_gradients(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm
 
 
 def zero_nonfinite_(named: list[tuple[str, torch.Tensor, torch.Tensor]]) -> dict[str, int]:
-    """Replace NaN/Inf gradient entries by zero; return {name: count} of the parameters touched."""
+    """Replace NaN/Inf gradient entries by zero; return {name: count} of the parameters touched.
+
+    One host sync for all parameters (the counts travel together), not one per parameter."""
+    if not named:
+        return {}
+    locals_ = [_local(grad) for _, _, grad in named]
+    counts = torch.stack([(~torch.isfinite(local)).sum().to(locals_[0].device) for local in locals_]).tolist()
     touched = {}
-    for name, _, grad in named:
-        local = _local(grad)
-        bad = ~torch.isfinite(local)
-        count = int(bad.sum())
+    for (name, _, _), local, count in zip(named, locals_, counts):
         if count:
-            local.masked_fill_(bad, 0.0)
-            touched[name] = count
+            local.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            touched[name] = int(count)
     return touched
 
 
