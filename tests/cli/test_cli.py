@@ -85,6 +85,20 @@ def test_demo_threads_auto_uses_free_cores_only() -> None:
         main(["demo", "--threads", "many"])
 
 
+def test_train_threads_sets_torch_threads(tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        args = ["train", "--threads", "1", "data.kind=random", "max_steps=1", f"out_dir={tmp_path}"]
+        assert main(args + ["progress=false", "tensorboard=false", "plots=false"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit, match="--threads"):
+        main(["train", "--threads", "many", "data.kind=random"])
+
+
 def test_bench_ops_cpu_quick_writes_json(tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
     assert main(["bench", "ops", "--device", "cpu", "--quick", "--rounds", "1", "--json", str(path)]) == 0

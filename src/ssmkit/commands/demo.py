@@ -67,7 +67,8 @@ def auto_threads(cores: int | None = None, load: float | None = None) -> int:
     return max(1, min(cores, 4)) if load < 1.0 else 1
 
 
-def _threads(value: str) -> int:
+def parse_threads(value: str) -> int:
+    """--threads: a positive integer, or 'auto' (:func:`auto_threads`)."""
     if value == "auto":
         return auto_threads()
     try:
@@ -81,7 +82,7 @@ def run_selective_copying_demo(args: argparse.Namespace) -> int:
     from ssmkit.commands.eval import SMOKE_OVERRIDES, _console, run_synthetic_task, set_threads
     from ssmkit.evaluation.tasks import load_task_config
 
-    threads = _threads(args.threads)
+    threads = parse_threads(args.threads)
     set_threads(threads)
     task = "selective-copying"
     overrides = list(SMOKE_OVERRIDES[task]) if args.smoke else []

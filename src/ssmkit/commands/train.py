@@ -36,10 +36,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seqlen", default="2048", help="--bench: comma-separated sequence lengths")
     parser.add_argument("--steps", type=int, default=20, help="--bench: timed steps per model (after warmup)")
     parser.add_argument("--json", default=None, help="--bench: write the results to this file")
+    parser.add_argument(
+        "--threads",
+        default=None,
+        help="torch CPU threads, or 'auto': every core (at most 4) when the 1-minute load average is "
+        "below 1, else 1 (extra threads on a busy CPU spin and slow training down; default: torch's)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        from ssmkit.commands.demo import parse_threads
+        from ssmkit.commands.eval import set_threads
+
+        set_threads(parse_threads(args.threads))
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         # Only rank 0 talks; the others still report warnings and errors.
