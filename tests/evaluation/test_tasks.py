@@ -123,6 +123,22 @@ def test_training_loop_learns_a_short_copy(device: torch.device) -> None:
     assert run.curve[-1] == (60, run.accuracy)
 
 
+def test_max_seconds_stops_training_and_scores_the_last_step(device: torch.device) -> None:
+    """A time cap ends the run early, logs it, and the reported accuracy is the last step's."""
+    task = SelectiveCopying(seqlen=8, num_tokens=2, seed=0)
+    model = build_task_model(
+        {"d_model": 16, "n_layer": 1, "default_layer": "mamba1", "mamba1": {"d_state": 4}},
+        task.vocab_size,
+        seed=0,
+    )
+    config = TaskTrainConfig(steps=10_000, batch_size=4, eval_every=1000, eval_batches=1, eval_batch_size=4)
+    config.max_seconds = 1e-9  # spent after the first step
+    run = train_on_task(model, task, config, device=device)
+    assert run.steps == 1 and len(run.losses) == 1
+    assert [e["event"] for e in run.events] == ["time_limit"]
+    assert run.curve == [(1, run.accuracy)]
+
+
 def test_guard_skips_non_finite_steps_and_rolls_back(device: torch.device) -> None:
     """The trainer's guard is in the loop: NaN losses are skipped, three in a row roll back."""
     task = SelectiveCopying(seqlen=8, num_tokens=2, seed=0)

@@ -77,6 +77,9 @@ class TaskTrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     eval_batch_size: int = 64
+    # Stop once this many seconds of training have passed (0: no limit), then score: a cap for runs
+    # on a lent machine. The schedule is not refitted, so a capped run ends at a higher lr.
+    max_seconds: float = 0.0
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=0.0))
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(warmup_steps=20, decay="cosine", min_lr_ratio=0.1)
@@ -94,7 +97,7 @@ class SelectiveCopyingTrainConfig(TaskTrainConfig):
 
     steps: int = 3000
     batch_size: int = 8
-    eval_every: int = 100
+    eval_every: int = 250
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, weight_decay=0.0))
     schedule: ScheduleConfig = field(
         default_factory=lambda: ScheduleConfig(warmup_steps=100, decay="cosine", min_lr_ratio=0.1)
@@ -479,9 +482,15 @@ def train_on_task(
             accuracy = score()
             run.curve.append((step, accuracy))
             emit({"kind": "eval", "run": label, "step": step, "total": config.steps, "accuracy": accuracy})
+        if config.max_seconds > 0 and time.perf_counter() - started >= config.max_seconds:
+            run.events.append({"event": "time_limit", "step": step, "max_seconds": config.max_seconds})
+            logger.warning("%s: stopped at step %d: max_seconds %s reached", label, step, config.max_seconds)
+            break
     run.steps = step
     run.final_loss = run.losses[-1][1] if run.losses else float("nan")
-    run.accuracy = run.curve[-1][1] if run.curve else score()
+    if not run.curve or run.curve[-1][0] != step:
+        run.curve.append((step, score()))
+    run.accuracy = run.curve[-1][1]
     run.seconds = time.perf_counter() - started
     emit({"kind": "done", "run": label, "accuracy": run.accuracy, "seconds": run.seconds})
     return run
