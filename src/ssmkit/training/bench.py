@@ -13,6 +13,7 @@ the next ``--steps`` is reported. Extra ``key=value`` arguments override the tra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import statistics
@@ -20,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,11 @@ def bench_one(
     ]
     config = load_config(None, base + list(overrides))
     config.model = model_section
+    # Each row's peak memory is its own: free the previous model and restart the allocator's peak.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(config)
     result = trainer.fit()
     records = [r for r in read_log(out_dir / LOG_FILE) if r.get("type") == "step" and r["step"] >= warmup]
