@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a CUDA machine within one call of the device tool (at most 10 minutes):
 #
-#   PYTHONPATH=src:peers/site bash scripts/gpu_tests.sh "$OUT" 540 [WORKERS]
+#   PYTHONPATH=src bash scripts/gpu_tests.sh "$OUT" 540 [WORKERS]
 #
 # Most of a GPU run's time is Triton compiling one kernel variant per combination of flags, dtypes
 # and block sizes the tests use (~3-6 s each, on the CPU): run serially, the Triton-kernel tests

@@ -89,3 +89,22 @@ def random_checkpoint(config, folder: Path, generator: torch.Generator | None = 
     perturb(model, generator)
     model.save_pretrained(folder)
     return model.eval()
+
+
+def hf_gated_norm_group_size(norm: torch.nn.Module, hidden_size: int) -> int:
+    """The group transformers' Mamba-2 gated RMSNorm normalises over: per group in releases whose
+    norm takes ``group_size`` (5.23), over all channels at once in older ones (5.17 normalises a
+    layer with several groups as one group, unlike mamba_ssm)."""
+    return int(getattr(norm, "group_size", hidden_size))
+
+
+def hf_gated_norm(hidden_size: int, group_size: int, eps: float) -> torch.nn.Module:
+    """transformers' Mamba-2 gated RMSNorm with ``group_size`` where the installed release has it."""
+    import inspect
+
+    from transformers.models.mamba2 import modeling_mamba2
+
+    norm_class = modeling_mamba2.MambaRMSNormGated
+    if "group_size" in inspect.signature(norm_class.__init__).parameters:
+        return norm_class(hidden_size, group_size=group_size, eps=eps)
+    return norm_class(hidden_size, eps=eps)

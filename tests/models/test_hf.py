@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from ssmkit.models import CheckpointError, LanguageModel, get_preset
-from tests.hf_checkpoints import granite_config, mamba2_config, mamba_config, perturb, random_checkpoint
+from tests.hf_checkpoints import (
+    granite_config,
+    hf_gated_norm,
+    mamba2_config,
+    mamba_config,
+    perturb,
+    random_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference for whole models")
 
@@ -21,9 +28,7 @@ def _hf_normalises_groups() -> bool:
     """Whether this transformers' Mamba-2 gated RMSNorm normalises each group separately (as
     mamba_ssm does, and transformers 5.23 does); some releases normalise over all groups at once,
     which only matters for configs with more than one group."""
-    from transformers.models.mamba2 import modeling_mamba2
-
-    norm = modeling_mamba2.MambaRMSNormGated(4, group_size=2)
+    norm = hf_gated_norm(4, group_size=2, eps=1e-6)
     x = torch.tensor([[1.0, 1.0, 10.0, 10.0]])
     return bool(torch.allclose(norm(x), torch.ones(1, 4), atol=1e-3))
 

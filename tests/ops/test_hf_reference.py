@@ -11,6 +11,7 @@ import torch
 
 from ssmkit import ops
 from tests.helpers import assert_close
+from tests.hf_checkpoints import hf_gated_norm, hf_gated_norm_group_size
 
 transformers = pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
 modeling_mamba = pytest.importorskip("transformers.models.mamba.modeling_mamba")
@@ -113,7 +114,7 @@ def _ours_mamba2(mixer: torch.nn.Module, hidden_states: torch.Tensor, backend: s
         mixer.norm.weight,
         gate,
         eps=mixer.norm.variance_epsilon,
-        group_size=d_inner // groups,
+        group_size=hf_gated_norm_group_size(mixer.norm, d_inner),  # d_inner // groups from 5.23 on
         norm_before_gate=False,
         backend=backend,
     )
@@ -215,10 +216,11 @@ def test_ssd_final_state_matches_transformers() -> None:
 
 
 def test_gated_rmsnorm_matches_transformers() -> None:
-    norm = modeling_mamba2.MambaRMSNormGated(48, group_size=16, eps=1e-5)
+    norm = hf_gated_norm(48, group_size=16, eps=1e-5)
     with torch.no_grad():
         norm.weight.normal_()
     x, z = torch.randn(3, 7, 48), torch.randn(3, 7, 48)
     expected = norm(x, z)
-    actual = ops.rms_norm_gated(x, norm.weight, z, eps=1e-5, group_size=16, norm_before_gate=False)
+    group_size = hf_gated_norm_group_size(norm, 48)
+    actual = ops.rms_norm_gated(x, norm.weight, z, eps=1e-5, group_size=group_size, norm_before_gate=False)
     assert_close(actual, expected, torch.float32)
