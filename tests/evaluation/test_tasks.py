@@ -199,6 +199,11 @@ def test_task_configs_in_the_repository_load_and_defaults_match() -> None:
     for file in files:
         task = file.stem.removesuffix("-paper")
         load_task_config(task, str(file))
+    # Configs of recorded runs (one folder per run) name their task on their first line.
+    for file in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        task = file.read_text().splitlines()[0].removeprefix("task:").strip()
+        assert task in TASK_CONFIGS, file
+        load_task_config(task, str(file))
     # The CPU default files must say what the code does with no file at all.
     for task, cls in TASK_CONFIGS.items():
         assert load_task_config(task, str(CONFIG_DIR / f"{task}.yaml")) == cls()
