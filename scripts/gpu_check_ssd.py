@@ -186,12 +186,14 @@ SWEEP = {
     "chunk_scan": [
         {},
         dict(block_m=128),
-        dict(block_m=128, num_warps=8),
-        dict(block_k=32),
-        dict(block_k=32, num_stages=4),
+        dict(block_m=128, num_stages=2),
+        dict(block_m=32),
+        dict(block_k=16),
         dict(num_stages=2),
+        dict(num_stages=4),
         dict(num_warps=8),
-        dict(block_m=128, block_k=32, num_warps=8, num_stages=3),
+        dict(block_state=128),
+        dict(block_m=128, block_state=128),
     ],
     "chunk_state": [
         {},

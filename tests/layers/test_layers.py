@@ -34,9 +34,10 @@ SEQLEN = 19  # not a multiple of the chunk size (8)
 
 def fp64_scale(device: torch.device, cpu: float = 100.0) -> float:
     """Tolerance multiplier for fp64 comparisons. On CUDA the Mamba-2 SSD Triton kernel computes fp64
-    inputs with fp32-level accuracy (1.3e-7 relative measured on an H100), so fp64 results agree
-    only to ~1e-6 there; on the CPU every path is fp64 throughout."""
-    return 1e4 if device.type == "cuda" else cpu
+    inputs with fp32-level accuracy, so there fp64 results are held to 1.5e-6 (outputs; 1.3e-7
+    measured on an H100) and 3e-6 (parameter gradients, which sum over every position: d(D) measured
+    2.3e-6); on the CPU every path is fp64 throughout."""
+    return 1.5e4 if device.type == "cuda" else cpu
 
 
 def _perturb(module: torch.nn.Module) -> None:

@@ -461,7 +461,7 @@ BAD = [
     ("delta", lambda t: t["delta"].double(), TypeError, r"delta must have the dtype of u"),
     ("z", lambda t: t["z"].half(), TypeError, r"z must have the dtype of u"),
     ("C", lambda t: t["C"].tolist(), TypeError, r"C must be a torch.Tensor, got list"),
-    ("initial_state", lambda t: torch.zeros(2, 6, 5), ValueError, r"initial_state must have shape"),
+    ("initial_state", lambda t: t["u"].new_zeros(2, 6, 5), ValueError, r"initial_state must have shape"),
 ]
 
 

@@ -170,7 +170,11 @@ def test_gradients_match_reference(backend, dtype, mode, device):
         assert_close(fast[i], ref[i], tol, name=name)
     for name, grad, ref_grad in zip(names, fast_grads, ref_grads):
         assert grad.dtype == fast_leaves[name].dtype
-        assert_close(grad, ref_grad, tol, name=f"d{name}")
+        # dA and d(dt_bias) are sums over every position of terms of both signs: in fp32 they keep
+        # fewer correct digits than the elementwise gradients (an H100 measured dA 1.4e-5 off with
+        # packed sequences, the others within 1e-5).
+        scale = 4.0 if name in ("A", "dt_bias") else 1.0
+        assert_close(grad, ref_grad, tol, scale=scale, name=f"d{name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

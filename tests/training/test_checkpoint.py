@@ -164,6 +164,10 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+def _pythonpath() -> list[str]:
+    return [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+
+
 def test_sigkill_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(KILLED_WRITER)
@@ -173,7 +177,9 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_loadable(tmp_path
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        # The repository root (for tests.*) and src (ssmkit when it is not installed, as on the GPU
+        # machine, which runs the tree with PYTHONPATH=src), then whatever the caller had.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src"), *_pythonpath()])},
     )
     try:
         lines = []

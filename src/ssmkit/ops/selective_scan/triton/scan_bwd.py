@@ -11,7 +11,11 @@ gradient from ``h_t`` and ``g_t`` (dz from the pre-gate output the forward kept)
     du_t  = D dy_t + delta_t sum_n g_t B_t  ddelta_t = u_t sum_n g_t B_t + sum_n g_t A (h_t - delta_t B_t u_t)
     dA    = sum_t g_t (h_t - delta_t B_t u_t) delta_t
 
-(``h_t - delta_t B_t u_t`` is ``exp(delta_t A) h_{t-1}``, which avoids shifting tiles by one step).
+(``h_t - delta_t B_t u_t`` is ``exp(delta_t A) h_{t-1}``, which avoids shifting tiles by one step.
+The subtraction cancels when the step's decay is tiny: its rounding noise, ~eps |delta_t B_t u_t|,
+then swamps the true value. Where the difference lies inside that noise band it is taken as 0, which
+is never further from the truth than the noise itself. On an H100 with log-decays of -120 to -5760
+per step, fp32 dA was 3.3e-4 off the fp64 reference (relative) without this.)
 dB and dC are shared by the channels of a group, so programs add their partial sums atomically
 into fp32 buffers; dA, dD and ddelta_bias are written per sequence and summed by the launcher.
 """
@@ -94,6 +98,7 @@ def selective_scan_bwd_kernel(
     HAS_DLAST: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    CANCEL_TOL: tl.constexpr,
     PRODUCT_FORM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -227,7 +232,10 @@ def selective_scan_bwd_kernel(
             next_carry = tl.where(offs_n[None, :] == n, flow_back[:, None], next_carry)
 
             adjoint_B = adjoint * B_n
-            adjoint_decayed = adjoint * (states - value)  # g_t exp(delta_t A) h_{t-1}
+            decayed_prev = states - value  # exp(delta_t A) h_{t-1}; 0 where lost in rounding
+            noise = CANCEL_TOL * tl.maximum(tl.abs(states), tl.abs(value))
+            decayed_prev = tl.where(tl.abs(decayed_prev) <= noise, 0.0, decayed_prev)
+            adjoint_decayed = adjoint * decayed_prev  # g_t exp(delta_t A) h_{t-1}
             ddelta += adjoint_B * u + adjoint_decayed * A_n[:, None]
             du += adjoint_B * delta
             dA_n = tl.sum(adjoint_decayed * delta, axis=1)
@@ -366,6 +374,8 @@ def selective_scan_bwd(
         HAS_DLAST=dlast_state is not None,
         IS_VARLEN=cu_seqlens is not None,
         COMPUTE_DTYPE=compute,
+        # A few ulps of the compute dtype: the rounding noise of a state after the scan.
+        CANCEL_TOL=8 * torch.finfo(compute_dtype).eps,
         PRODUCT_FORM=config.product_form,
         BLOCK_D=config.block_d,
         BLOCK_N=config.block_n,

@@ -122,11 +122,6 @@ def ssd_backward(
         del y_pre, dout_f, z_f, sig
     else:
         dy_f = dout
-    dD = None
-    if D is not None:
-        dD = (dy_f.float() * x.float()).sum(dim=(0, 1))
-        if D.dim() == 1:
-            dD = dD.sum(dim=-1)
     dy = dy_f.to(dy_dtype).contiguous()
     del dy_f
 
@@ -139,8 +134,8 @@ def ssd_backward(
     if dinit is not None and dvarlen is not None and table.varlen:
         dinit = dinit + torch.where(table.empty[:, None, None, None], dvarlen.float(), 0.0)
 
-    # 5. dx and the dt gradient of the x-path.
-    dx, ddt_chunk, ddt_state = chunk_scan_bwd_dx(
+    # 5. dx, the dt gradient of the x-path, and dD (summed inside the same kernel).
+    dx, ddt_chunk, ddt_state, dD = chunk_scan_bwd_dx(
         cb, x, dy, dt_out, cs, B, dstates, D, seq_idx, table, chunk_size, tiles["chunk_scan_bwd"]
     )
 
