@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from ssmkit.data.synthetic import IGNORE, InductionHeads, SelectiveCopying
+from ssmkit.data.synthetic import IGNORE, AssociativeRecall, InductionHeads, SelectiveCopying
 from ssmkit.evaluation.tasks import (
     TASK_CONFIGS,
     SelectiveCopyingTrainConfig,
     TaskTrainConfig,
+    accuracy_by_query_order,
     answer_predictions,
     build_task_model,
     evaluate_accuracy,
@@ -63,6 +64,39 @@ def test_answer_scoring_counts_only_answers() -> None:
     assert torch.equal(predicted, targets)
     wrong, _ = answer_predictions(_Oracle(None, task.vocab_size), input_ids, labels)
     assert (wrong == 0).all()  # token 0 is noise: never an answer, so accuracy 0
+
+
+class _LastQueryOnly(nn.Module):
+    """Answers each sequence's last MQAR query correctly (by reading the next input token) and
+    every other query with token 0, as a model answering only by elimination would at best."""
+
+    def __init__(self, task: AssociativeRecall) -> None:
+        super().__init__()
+        self.task = task
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> LMOutput:
+        logits = torch.zeros(*input_ids.shape, self.task.vocab_size)
+        logits[..., 0] = 1.0
+        keys = input_ids[:, : 2 * self.task.num_pairs : 2]
+        for row in range(input_ids.shape[0]):
+            # Query keys sit after the key-value prefix; the last one is the rightmost key token.
+            after = input_ids[row, 2 * self.task.num_pairs : -1]
+            is_key = torch.isin(after, keys[row])
+            last = 2 * self.task.num_pairs + int(is_key.nonzero()[-1])
+            logits[row, last, int(input_ids[row, last + 1])] = 2.0
+        return LMOutput(logits=logits)
+
+
+def test_accuracy_by_query_order_separates_the_queries() -> None:
+    task = AssociativeRecall(seqlen=48, num_pairs=3, vocab_size=32, seed=2)
+    by_query = accuracy_by_query_order(
+        _LastQueryOnly(task), task, batches=2, batch_size=5, device=torch.device("cpu")
+    )
+    assert by_query == [0.0, 0.0, 1.0]
+    cpu = torch.device("cpu")
+    overall = evaluate_accuracy(_LastQueryOnly(task), task, batches=2, batch_size=5, device=cpu)
+    assert overall == pytest.approx(sum(by_query) / 3)
 
 
 def test_answer_scoring_streamed_equals_whole(device: torch.device) -> None:

@@ -244,7 +244,8 @@ def _task_table(results: dict[str, Any]):
         return table
     if task == "mqar":
         table = Table(title="Multi-query associative recall: accuracy (%)")
-        for column in ("model", "d_model", "seqlen", "pairs", "params", "accuracy", "final loss", "time"):
+        columns = ("model", "d_model", "seqlen", "pairs", "params", "accuracy", "by query order")
+        for column in (*columns, "final loss", "time"):
             table.add_column(column, justify="left" if column == "model" else "right")
         for row in results["rows"]:
             table.add_row(
@@ -254,6 +255,7 @@ def _task_table(results: dict[str, Any]):
                 str(row["num_pairs"]),
                 f"{row['parameters']:,}",
                 f"{100 * row['accuracy']:.1f}",
+                _query_orders(row.get("by_query_order")),
                 f"{row['final_loss']:.3f}",
                 f"{row['seconds']:.0f} s",
             )
@@ -275,6 +277,14 @@ def _task_table(results: dict[str, Any]):
             f"{row['seconds']:.0f} s",
         )
     return table
+
+
+def _query_orders(accuracies: list[float] | None) -> str:
+    """First, second, third and last query's accuracy (%), e.g. "26 37 ... 100"."""
+    if not accuracies:
+        return "-"
+    shown = accuracies if len(accuracies) <= 4 else [*accuracies[:3], None, accuracies[-1]]
+    return " ".join("..." if a is None else f"{100 * a:.0f}" for a in shown)
 
 
 def _short(length: int) -> str:

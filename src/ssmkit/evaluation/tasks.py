@@ -347,6 +347,30 @@ def evaluate_accuracy(
     return correct / total
 
 
+@torch.no_grad()
+def accuracy_by_query_order(
+    model: nn.Module, task: AssociativeRecall, *, batches: int, batch_size: int, device: torch.device
+) -> list[float]:
+    """MQAR accuracy of the 1st, 2nd, ... query of each sequence (in sequence order), on the same
+    batches as :func:`evaluate_accuracy`.
+
+    A model that has not learned to bind keys to values can still answer by elimination: a query
+    whose value is the only one not yet answered earlier in the sequence needs no binding. Such a
+    model scores 1/K, 1/(K-1), ..., 1 on the K queries, which the overall accuracy hides.
+    """
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(task.num_pairs)
+    for index in range(batches):
+        input_ids, labels = task.batch(batch_size, index)
+        predicted, targets = answer_predictions(model, input_ids.to(device), labels.to(device))
+        # Every row holds num_pairs answers, flattened row by row in position order.
+        hits = (predicted == targets).view(batch_size, task.num_pairs)
+        correct += hits.float().sum(dim=0).cpu()
+    model.train(was_training)
+    return (correct / (batches * batch_size)).tolist()
+
+
 def _held_out(task: Any) -> Any:
     return type(task)(**{**task.__dict__, "seed": task.seed + EVAL_SEED_OFFSET})
 
@@ -594,6 +618,13 @@ def run_mqar(config: MQARConfig, *, callback: Callback | None = None) -> dict[st
                 label = f"{name} d={d_model} L={seqlen}"
                 model = build_task_model({**spec, "d_model": d_model}, task.vocab_size, seed=config.seed)
                 run = train_on_task(model, task, config.train, device=device, label=label, callback=callback)
+                by_query = accuracy_by_query_order(
+                    model,
+                    _held_out(task),
+                    batches=config.train.eval_batches,
+                    batch_size=config.train.eval_batch_size,
+                    device=device,
+                )
                 rows.append(
                     {
                         "model": name,
@@ -601,6 +632,7 @@ def run_mqar(config: MQARConfig, *, callback: Callback | None = None) -> dict[st
                         "seqlen": seqlen,
                         "num_pairs": task.num_pairs,
                         **run.to_dict(),
+                        "by_query_order": by_query,
                     }
                 )
     return {**_header("mqar", config, device), "rows": rows}
